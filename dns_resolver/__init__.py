@@ -1,0 +1,1 @@
+"""The DNS front: an asyncio UDP+TCP server that asks the shared engine, then answers or forwards."""

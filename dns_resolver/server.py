@@ -1,0 +1,295 @@
+"""The DNS front: parse, identify the client, ask the engine, answer (block, safe search) or forward.
+
+Each stage either answers or passes on:
+  malformed → FORMERR · client not ours → REFUSED · decision cached or made · block → block answer ·
+  rewrite → CNAME to the safe-search endpoint + its addresses · allow → answer cache, else upstream
+Any internal error answers SERVFAIL (never NXDOMAIN, never silence) and is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import struct
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOption
+
+from blocklists.errors import NameRejected
+from blocklists.names import normalize_domain
+from dns_resolver.upstream import UpstreamFailure, UpstreamPool
+from policy.clients import Client
+from policy.decision import Action, Decision, Query
+from policy.engine import decide
+from policy.metrics import DNS_ERRORS, DNS_LATENCY, QUERIES
+from policy.model import BlockAnswer
+from policy.snapshot import Snapshot
+from policy.state import StateView
+
+log = logging.getLogger(__name__)
+
+EDE_OPTION = 15
+EDE_BLOCKED, EDE_FILTERED = 15, 17
+BLOCK_TTL = 60
+MAX_DECISION_CACHE = 100_000
+MAX_ANSWER_CACHE = 50_000
+_SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
+
+
+def formerr_for(packet: bytes) -> bytes | None:
+    """A FORMERR header echoing the query's ID, or None when not even a header can be read (then: silence)."""
+    if len(packet) < 12:
+        return None
+    query_id, flags = struct.unpack("!HH", packet[:4])
+    if flags & 0x8000:
+        return None  # a response, not a query: never answer it (no reflection loops)
+    return struct.pack("!HHHHHH", query_id, 0x8000 | (flags & 0x7900) | RCODE.FORMERR, 0, 0, 0, 0)
+
+
+class DnsFront:
+    """Protocol-independent handling of one query; the UDP and TCP servers below only move bytes."""
+
+    def __init__(self, current_snapshot: Callable[[], Snapshot], current_state: Callable[[], StateView],
+                 upstreams: UpstreamPool, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.current_snapshot = current_snapshot
+        self.current_state = current_state
+        self.upstreams = upstreams
+        self.clock = clock
+        self._decisions: OrderedDict[tuple[int, str, str | None, str], Decision] = OrderedDict()
+        self._answers: OrderedDict[tuple[str, int, int], tuple[float, DNSRecord]] = OrderedDict()
+
+    async def handle(self, packet: bytes, client_address: str) -> bytes | None:
+        started = time.perf_counter()
+        try:
+            request = DNSRecord.parse(packet)
+        except Exception:  # dnslib raises several kinds on garbage; all mean "malformed"
+            DNS_ERRORS.labels("formerr").inc()
+            return formerr_for(packet)
+        if request.header.qr or len(request.questions) != 1:
+            DNS_ERRORS.labels("formerr").inc()
+            return formerr_for(packet)
+        try:
+            reply = await self._answer(request, client_address)
+        except Exception:
+            log.exception("internal error answering a query; answered SERVFAIL")
+            DNS_ERRORS.labels("internal").inc()
+            reply = request.reply()
+            reply.header.rcode = RCODE.SERVFAIL
+        DNS_LATENCY.observe(time.perf_counter() - started)
+        wire: bytes = reply.pack()
+        return wire
+
+    async def _answer(self, request: DNSRecord, client_address: str) -> DNSRecord:
+        snapshot = self.current_snapshot()
+        question = request.questions[0]
+        client = snapshot.identify(client_address)
+        if client is None:
+            QUERIES.labels("", "refuse", "unknown_client").inc()
+            return _rcode_reply(request, RCODE.REFUSED)
+        try:
+            name = normalize_domain(str(question.qname))
+        except NameRejected:
+            DNS_ERRORS.labels("formerr").inc()
+            return _rcode_reply(request, RCODE.FORMERR)
+        now = self.clock()
+        decision = self._decision(snapshot, client, name, now)
+        QUERIES.labels(client.group, decision.action.value, decision.reason.value).inc()
+        ttl_cap = BLOCK_TTL if decision.until is None else max(0, int((decision.until - now).total_seconds()))
+        if decision.action is Action.BLOCK:
+            return self._block_reply(request, decision, snapshot, min(ttl_cap, BLOCK_TTL))
+        if decision.action is Action.REFUSE:
+            return _rcode_reply(request, RCODE.REFUSED)
+        if question.qtype in _SVCB_TYPES and decision.action is Action.REWRITE:
+            return _with_edns(request, request.reply())  # no HTTPS/SVCB hints around the rewrite
+        if decision.action is Action.REWRITE and decision.rewrite_to:
+            return await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
+        return await self._forward(request, min(ttl_cap, snapshot.rules.server.dns.max_ttl_seconds))
+
+    def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Decision:
+        """Decisions are cached per (generation, group, device, name) until they expire, while no shared state
+        (override, screen time) can change them."""
+        key = (snapshot.generation, client.group, client.device, name)
+        cached = self._decisions.get(key)
+        if cached is not None and (cached.until is None or now < cached.until):
+            return cached
+        state = self.current_state()
+        decision = decide(Query(client, name, now), snapshot, state)
+        if not state.overrides and not state.minutes_used_today:
+            self._decisions[key] = decision
+            if len(self._decisions) > MAX_DECISION_CACHE:
+                self._decisions.popitem(last=False)
+        return decision
+
+    def _block_reply(self, request: DNSRecord, decision: Decision, snapshot: Snapshot, ttl: int) -> DNSRecord:
+        settings = snapshot.rules.server.dns
+        question = request.questions[0]
+        reply = request.reply()
+        if settings.block_answer is BlockAnswer.NXDOMAIN:
+            reply.header.rcode = RCODE.NXDOMAIN
+        elif question.qtype == QTYPE.A:
+            address = settings.blockpage_ipv4 if settings.block_answer is BlockAnswer.BLOCKPAGE else "0.0.0.0"
+            if address:
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=ttl))
+        elif question.qtype == QTYPE.AAAA:
+            address = settings.blockpage_ipv6 if settings.block_answer is BlockAnswer.BLOCKPAGE else "::"
+            if address:
+                reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=ttl))
+        code = EDE_BLOCKED if decision.categories or decision.reason.value in ("deny_list", "bypass") \
+            else EDE_FILTERED
+        text = ", ".join(decision.categories) or decision.reason.value
+        return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", code) + text.encode()))
+
+    async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> DNSRecord:
+        question = request.questions[0]
+        reply = request.reply()
+        ttl = min(ttl_cap, 300)
+        reply.add_answer(RR(question.qname, QTYPE.CNAME, rdata=CNAME(target + "."), ttl=ttl))
+        if question.qtype in (QTYPE.A, QTYPE.AAAA):
+            target_answer = await self._cached_or_forwarded(DNSRecord.question(target, QTYPE[question.qtype]),
+                                                            snapshot)
+            for rr in target_answer.rr:
+                if rr.rtype == question.qtype:
+                    rr.ttl = min(rr.ttl, ttl)
+                    reply.add_answer(rr)
+        return _with_edns(request, reply)
+
+    async def _forward(self, request: DNSRecord, ttl_cap: int) -> DNSRecord:
+        upstream_answer = await self._cached_or_forwarded(request, None)
+        reply = request.reply()
+        reply.header.rcode = upstream_answer.header.rcode
+        reply.header.ra = 1
+        for section, add in ((upstream_answer.rr, reply.add_answer), (upstream_answer.auth, reply.add_auth)):
+            for rr in section:
+                rr.ttl = min(rr.ttl, ttl_cap)
+                add(rr)
+        for rr in upstream_answer.ar:
+            if rr.rtype != QTYPE.OPT:
+                rr.ttl = min(rr.ttl, ttl_cap)
+                reply.add_ar(rr)
+        return _with_edns(request, reply)
+
+    async def _cached_or_forwarded(self, request: DNSRecord, snapshot: Snapshot | None) -> DNSRecord:
+        question = request.questions[0]
+        key = (str(question.qname).lower(), question.qtype, question.qclass)
+        now = time.monotonic()
+        cached = self._answers.get(key)
+        if cached is not None and cached[0] > now:
+            answer = DNSRecord.parse(cached[1].pack())
+            elapsed = int(now - (cached[0] - _min_ttl(cached[1])))
+            for rr in (*answer.rr, *answer.auth):
+                rr.ttl = max(0, rr.ttl - elapsed)
+            return answer
+        try:
+            forwarded = DNSRecord.question(str(question.qname), QTYPE[question.qtype])
+            forwarded.header.rd = 1
+            answer = await self.upstreams.resolve(forwarded)
+        except UpstreamFailure:
+            DNS_ERRORS.labels("upstream").inc()
+            failed = request.reply()
+            failed.header.rcode = RCODE.SERVFAIL
+            return failed
+        if answer.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN):
+            lifetime = _min_ttl(answer)
+            if lifetime > 0:
+                self._answers[key] = (now + lifetime, answer)
+                if len(self._answers) > MAX_ANSWER_CACHE:
+                    self._answers.popitem(last=False)
+        return DNSRecord.parse(answer.pack())
+
+
+def _min_ttl(record: DNSRecord) -> int:
+    ttls = [rr.ttl for rr in (*record.rr, *record.auth)]
+    return min(ttls) if ttls else 0
+
+
+def _rcode_reply(request: DNSRecord, rcode: int) -> DNSRecord:
+    reply = request.reply()
+    reply.header.rcode = rcode
+    return reply
+
+
+def _with_edns(request: DNSRecord, reply: DNSRecord, *options: EDNSOption) -> DNSRecord:
+    """Echo EDNS when the client used it (with our options, e.g. Extended DNS Errors); never add it otherwise."""
+    if any(rr.rtype == QTYPE.OPT for rr in request.ar):
+        reply.add_ar(EDNS0(udp_len=1232, opts=list(options)))
+    return reply
+
+
+class _UdpProtocol(asyncio.DatagramProtocol):
+    def __init__(self, front: DnsFront) -> None:
+        self.front = front
+        self.transport: asyncio.DatagramTransport | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        task = asyncio.ensure_future(self._reply(data, addr))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
+        answer = await self.front.handle(data, addr[0])
+        if answer is None or self.transport is None:
+            return
+        limit = _client_udp_size(data)
+        if len(answer) > limit:
+            answer = _truncated(answer)
+        self.transport.sendto(answer, addr)
+
+
+def _client_udp_size(packet: bytes) -> int:
+    try:
+        request = DNSRecord.parse(packet)
+    except Exception:
+        return 512
+    for rr in request.ar:
+        if rr.rtype == QTYPE.OPT:
+            return max(512, min(int(rr.rclass), 4096))
+    return 512
+
+
+def _truncated(answer: bytes) -> bytes:
+    """Header and question only, TC set: the client retries over TCP."""
+    record = DNSRecord.parse(answer)
+    record.rr, record.auth, record.ar = [], [], []
+    record.header.tc = 1
+    wire: bytes = record.pack()
+    return wire
+
+
+async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    try:
+        while True:  # several queries per connection
+            header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
+            packet = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header)[0]), timeout=10)
+            answer = await front.handle(packet, peer[0])
+            if answer is None:
+                break
+            writer.write(struct.pack("!H", len(answer)) + answer)
+            await writer.drain()
+    except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+
+
+async def start_dns_servers(front: DnsFront,
+                            listen: tuple[str, ...]) -> list[asyncio.AbstractServer | asyncio.BaseTransport]:
+    """Bind UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown."""
+    loop = asyncio.get_running_loop()
+    servers: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
+    for entry in listen:
+        host, _, port_text = entry.rpartition(":")
+        host, port = host.strip("[]"), int(port_text)
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(front), local_addr=(host, port))
+        servers.append(transport)
+        server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port)
+        servers.append(server)
+    return servers

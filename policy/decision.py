@@ -1,0 +1,69 @@
+"""What a front asks (`Query`) and what the engine answers (`Decision`)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+
+from policy.clients import Client
+
+
+class Action(enum.Enum):
+    ALLOW = "allow"
+    BLOCK = "block"
+    REWRITE = "rewrite"  # safe search: answer with the provider's enforced endpoint / rewrite the request
+    REFUSE = "refuse"  # not a client of ours
+
+
+class Reason(enum.Enum):
+    """Low-cardinality reason labels: safe as metric labels."""
+
+    UNKNOWN_CLIENT = "unknown_client"
+    OVERRIDE_ALLOW = "override_allow"
+    OVERRIDE_BLOCK = "override_block"
+    OVERRIDE_LOCK = "override_lock"
+    DENY_LIST = "deny_list"
+    ALLOW_LIST = "allow_list"
+    KIOSK = "kiosk"
+    BLOCK_ALL = "block_all"
+    SCREEN_TIME = "screen_time"
+    BYPASS = "bypass"
+    CATEGORY = "category"
+    URL_LIST = "url_list"
+    IP_LITERAL = "ip_literal"
+    SAFE_SEARCH = "safe_search"
+    DEFAULT = "default"
+
+
+@dataclass(frozen=True)
+class Query:
+    """`host` is normalised (see blocklists.names) or an IP literal; `at` is an aware datetime."""
+
+    client: Client | None
+    host: str
+    at: datetime
+    path: str | None = None
+    url: str | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Action
+    reason: Reason
+    explanation: str
+    group: str | None = None
+    device: str | None = None
+    profile: str | None = None
+    categories: tuple[str, ...] = ()
+    lists: tuple[str, ...] = ()  # the list categories that matched (`ut1/social_networks`), for the block page
+    rule: str | None = None
+    until: datetime | None = None
+    rewrite_to: str | None = None
+    search_portal: str | None = None
+    counts_screen_time: bool = True
+    trail: tuple[str, ...] = ()
+
+    @property
+    def blocked(self) -> bool:
+        return self.action is Action.BLOCK

@@ -1,0 +1,17 @@
+"""Metric definitions shared by both fronts. Labels are bounded: never a domain, URL, address or device name."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+QUERIES = Counter("vigie_dns_queries", "DNS queries answered, by group, action and reason",
+                  ["group", "action", "reason"])
+DNS_LATENCY = Histogram("vigie_dns_answer_seconds", "Time from a query's arrival to its answer",
+                        buckets=(0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5))
+DNS_ERRORS = Counter("vigie_dns_errors", "Queries answered SERVFAIL or FORMERR, by kind", ["kind"])
+UPSTREAM_FAILURES = Counter("vigie_dns_upstream_failures", "Forwarded queries an upstream did not answer",
+                            ["upstream"])
+RELOADS = Counter("vigie_rules_reloads", "Rules reloads by result (ok, invalid)", ["result"])
+RULES_GENERATION = Gauge("vigie_rules_generation", "Generation of the rules snapshot in force")
+RULES_LOADED_AT = Gauge("vigie_rules_loaded_timestamp_seconds", "When the rules in force were loaded")
+LIST_DOMAINS = Gauge("vigie_list_domains", "Domains in the compiled lists in force")

@@ -1,0 +1,198 @@
+"""The validated rules: typed, frozen values built by `policy.loader` from rules.yaml and the device inventory."""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from datetime import date
+from pathlib import Path
+
+from blocklists.bundled_data import SafeSearchLevel
+from blocklists.formats import ListFormat
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@dataclass(frozen=True)
+class Origin:
+    """Where a value was written: shown in `vigie check` errors and in every decision's explanation."""
+
+    file: str
+    line: int
+    column: int
+    path: str
+
+    def __str__(self) -> str:
+        return f"{self.path} ({Path(self.file).name}:{self.line})"
+
+
+class Mode(enum.Enum):
+    FILTERED = "filtered"
+    ALLOWLIST_ONLY = "allowlist-only"
+    BLOCK_ALL = "block-all"
+
+
+class BlockAnswer(enum.Enum):
+    NXDOMAIN = "nxdomain"
+    NULL = "null"
+    BLOCKPAGE = "blockpage"
+
+
+@dataclass(frozen=True)
+class ListSource:
+    name: str
+    location: str
+    format: ListFormat
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Category:
+    """A category profiles can block: the union of list categories (`adult: [ut1/adult, ut1/mixed_adult]`)."""
+
+    name: str
+    members: tuple[str, ...]
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class DomainRule:
+    domain: str
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class UrlRule:
+    host: str
+    path_prefix: str
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    mode: Mode
+    block: tuple[str, ...]
+    allow: tuple[DomainRule, ...]
+    deny: tuple[DomainRule, ...]
+    allow_urls: tuple[UrlRule, ...]
+    deny_urls: tuple[UrlRule, ...]
+    safe_search: SafeSearchLevel
+    search_portal: str | None
+    block_ip_literals: bool
+    screen_time_minutes: int | None
+    message: str
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class TimeRange:
+    """Minutes of the day, `end` exclusive; `end <= start` means the range runs past midnight."""
+
+    start: int
+    end: int
+
+    @property
+    def crosses_midnight(self) -> bool:
+        return self.end <= self.start
+
+    def __str__(self) -> str:
+        return f"{self.start // 60:02d}:{self.start % 60:02d}-{self.end // 60:02d}:{self.end % 60:02d}"
+
+
+@dataclass(frozen=True)
+class DateRange:
+    first: date
+    last: date
+
+    def __contains__(self, day: object) -> bool:
+        return isinstance(day, date) and self.first <= day <= self.last
+
+
+@dataclass(frozen=True)
+class Holiday:
+    name: str
+    dates: DateRange
+
+
+@dataclass(frozen=True)
+class ScheduleRule:
+    """One line of a schedule: conditions that must all hold, and the profile then in force.
+
+    A range past midnight belongs to the day it starts: Friday 20:00-07:00 covers Saturday 03:00.
+    """
+
+    profile: str
+    weekdays: frozenset[int] | None
+    times: tuple[TimeRange, ...]
+    dates: tuple[DateRange, ...]
+    on_holidays: bool | None
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Schedule:
+    name: str
+    rules: tuple[ScheduleRule, ...]
+    default: str
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Group:
+    name: str
+    networks: tuple[IPNetwork, ...]
+    addresses: tuple[IPAddress, ...]
+    schedule: str | None
+    profile: str | None
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    addresses: tuple[IPAddress, ...]
+    group: str
+    credential: str | None
+    origin: Origin
+
+
+@dataclass(frozen=True)
+class DnsSettings:
+    listen: tuple[str, ...] = ("127.0.0.1:5353",)
+    upstreams: tuple[str, ...] = ("9.9.9.9:53", "1.1.1.1:53")
+    block_answer: BlockAnswer = BlockAnswer.NXDOMAIN
+    blockpage_ipv4: str | None = None
+    blockpage_ipv6: str | None = None
+    max_ttl_seconds: int = 3600
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    dns: DnsSettings = field(default_factory=DnsSettings)
+    proxy_listen: str = "127.0.0.1:8080"
+    metrics_listen: str = "127.0.0.1:9108"
+    state: str = "sqlite:///var/vigie-state.sqlite3"
+    data_dir: str = "var"
+
+
+@dataclass(frozen=True)
+class Rules:
+    """Everything rules.yaml (and the inventory it names) says, validated."""
+
+    source: str
+    timezone: str
+    lists: tuple[ListSource, ...]
+    categories: dict[str, Category]
+    always_block: tuple[str, ...]
+    background: tuple[str, ...]
+    holidays: tuple[Holiday, ...]
+    groups: dict[str, Group]
+    devices: tuple[Device, ...]
+    unknown_group: str | None
+    profiles: dict[str, Profile]
+    schedules: dict[str, Schedule]
+    server: ServerSettings
+    inventory: str | None

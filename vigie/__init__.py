@@ -1,0 +1,1 @@
+"""Vigie, the application: the `vigie` command line and the runner that starts the fronts."""

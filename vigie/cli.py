@@ -1,0 +1,162 @@
+"""The `vigie` command line: check, explain, run, dns, lists. It wires the layers and holds no filtering logic."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from blocklists.errors import NameRejected, VigieError
+from blocklists.names import ip_literal, normalize_domain
+from policy.decision import Query
+from policy.engine import decide
+from policy.errors import ConfigError, ConfigProblem, Severity
+from policy.snapshot import Snapshot
+from policy.state import EMPTY_STATE
+from vigie.loading import load_snapshot
+
+DEFAULT_RULES = Path("rules.yaml")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result: int = args.handler(args)
+        return result
+    except VigieError as exc:
+        print(f"vigie: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vigie", description="DNS + HTTP(S) filtering for school tablets.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    check = commands.add_parser("check", help="validate rules.yaml, the inventory and local lists")
+    check.add_argument("rules", nargs="?", type=Path, default=DEFAULT_RULES)
+    check.set_defaults(handler=run_check)
+
+    explain = commands.add_parser("explain", help="show what Vigie decides for a client, a name or URL, a time")
+    explain.add_argument("target", help="a domain (tiktok.com) or a URL (https://www.youtube.com/shorts/x)")
+    explain.add_argument("--client", required=True, help="the client's address (e.g. 10.20.1.17)")
+    explain.add_argument("--at", help="local time in the rules' time zone, e.g. 2026-11-23T14:05 (default: now)")
+    explain.add_argument("--rules", type=Path, default=DEFAULT_RULES)
+    explain.set_defaults(handler=run_explain)
+
+    from vigie.runner import add_run_commands
+
+    add_run_commands(commands)
+    return parser
+
+
+def print_problems(problems: Sequence[ConfigProblem]) -> None:
+    for problem in sorted(problems, key=lambda p: (p.file, p.line, p.column)):
+        print(problem, file=sys.stderr)
+
+
+def run_check(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_snapshot(args.rules)
+    except ConfigError as exc:
+        print_problems(exc.problems)
+        errors, warnings = len(exc.errors), len(exc.problems) - len(exc.errors)
+        print(f"{args.rules}: {errors} error(s), {warnings} warning(s); nothing was changed", file=sys.stderr)
+        return 1
+    print_problems(loaded.warnings)
+    print(summary(loaded.snapshot, sum(p.severity is Severity.WARNING for p in loaded.warnings)))
+    return 0
+
+
+def summary(snapshot: Snapshot, warnings: int) -> str:
+    rules = snapshot.rules
+    lines = [f"{rules.source}: OK ({warnings} warning(s)); time zone {rules.timezone}"]
+    members = {name: 0 for name in rules.groups}
+    for device in rules.devices:
+        members[device.group] += 1
+    lines.append(f"groups ({len(rules.groups)}):")
+    for group in rules.groups.values():
+        how = f"schedule {group.schedule}" if group.schedule else f"profile {group.profile}"
+        nets = ", ".join(str(n) for n in group.networks) or "no network"
+        lines.append(f"  {group.name:<20} {how:<24} {nets}; {members[group.name]} device(s)")
+    lines.append(f"profiles ({len(rules.profiles)}): " + ", ".join(
+        f"{p.name} ({p.mode.value})" for p in rules.profiles.values()))
+    lines.append(f"categories ({len(rules.categories)}):")
+    stats = {s.ref: s for s in snapshot.lists.stats}
+    for category in rules.categories.values():
+        domains = urls = 0
+        for ref in category.members:
+            real = snapshot.lists.aliases.get(ref, ref)
+            if real in stats:
+                domains += stats[real].domains
+                urls += stats[real].urls
+        lines.append(f"  {category.name:<20} {domains:>9} domains {urls:>7} URLs  ← {', '.join(category.members)}")
+    for ref, info in sorted(snapshot.lists.info.items()):
+        description = info.descriptions.get("fr") or info.descriptions.get("en")
+        if description:
+            lines.append(f"    {ref}: {description}")
+    lines.append(f"lists: {len(snapshot.lists.domains)} domains, {len(snapshot.lists.urls)} URL prefixes, "
+                 f"{len(snapshot.lists.addresses)} addresses, {len(snapshot.lists.expressions)} expressions")
+    return "\n".join(lines)
+
+
+def parse_target(raw: str) -> tuple[str, str | None, str | None]:
+    """`tiktok.com` → (host, None, None); a URL → (host, path with query, the URL)."""
+    if "://" not in raw and "/" not in raw:
+        literal = ip_literal(raw)
+        return (literal if literal else normalize_domain(raw)), None, None
+    url = raw if "://" in raw else f"http://{raw}"
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    literal = ip_literal(host)
+    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    return (literal if literal else normalize_domain(host)), path, url
+
+
+def parse_local_time(text: str | None, snapshot: Snapshot) -> datetime:
+    zone = snapshot.clock.zone
+    if text is None:
+        return datetime.now(zone)
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise VigieError(f"--at {text!r} is not a date and time (example: 2026-11-23T14:05)") from None
+    return moment.replace(tzinfo=zone) if moment.tzinfo is None else moment
+
+
+def run_explain(args: argparse.Namespace) -> int:
+    try:
+        loaded = load_snapshot(args.rules)
+    except ConfigError as exc:
+        print_problems(exc.problems)
+        return 1
+    snapshot = loaded.snapshot
+    try:
+        host, path, url = parse_target(args.target)
+    except NameRejected as exc:
+        raise VigieError(f"{args.target!r}: {exc}") from None
+    at = parse_local_time(args.at, snapshot)
+    client = snapshot.identify(args.client)
+    decision = decide(Query(client, host, at, path, url), snapshot, EMPTY_STATE)
+    local = at.astimezone(snapshot.clock.zone)
+    print(f"{args.target} for {args.client} at {local:%A %Y-%m-%d %H:%M %Z}")
+    print(f"decision: {decision.action.value.upper()} ({decision.reason.value})")
+    for step in decision.trail or (decision.explanation,):
+        print(f"  - {step}")
+    for ref in decision.lists:
+        info = snapshot.lists.info.get(ref)
+        description = info and (info.descriptions.get("en") or info.descriptions.get("fr"))
+        if description:
+            print(f"  ({ref}: {description})")
+    if decision.until is not None:
+        print(f"holds until: {decision.until.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}")
+    return 0

@@ -1,0 +1,168 @@
+"""`vigie run` / `vigie dns`: start the fronts on one shared snapshot, and reload it when the files change.
+
+A reload builds the new snapshot in a worker thread beside the old one, then swaps one reference: queries keep
+being answered throughout, and an invalid edit leaves the old rules serving (logged, and counted in
+`vigie_rules_reloads_total{result="invalid"}`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import start_http_server
+
+from blocklists.errors import VigieError
+from dns_resolver.server import DnsFront, start_dns_servers
+from dns_resolver.upstream import UpstreamPool
+from policy.errors import ConfigError
+from policy.loader import parse_listen
+from policy.metrics import LIST_DOMAINS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
+from policy.model import DnsSettings
+from policy.snapshot import ListCache, Snapshot
+from policy.state import EMPTY_STATE, StateView
+from vigie.loading import load_snapshot, watched_files
+
+log = logging.getLogger(__name__)
+WATCH_INTERVAL_SECONDS = 2.0
+
+
+class SnapshotHolder:
+    """The one reference every front reads (`holder.snapshot`); only `reload` replaces it."""
+
+    def __init__(self, rules_path: Path) -> None:
+        self.rules_path = rules_path
+        self.cache = ListCache()
+        self.snapshot = self._load(1)
+        self._stamps = self._file_stamps()
+        self._published()
+
+    def _load(self, generation: int) -> Snapshot:
+        loaded = load_snapshot(self.rules_path, self.cache, generation)
+        for warning in loaded.warnings:
+            log.warning("%s", warning)
+        return loaded.snapshot
+
+    def _file_stamps(self) -> dict[Path, tuple[int, int]]:
+        stamps = {}
+        for path in watched_files(self.snapshot):
+            try:
+                stat = path.stat()
+                stamps[path] = (stat.st_mtime_ns, stat.st_size)
+            except OSError:
+                stamps[path] = (-1, -1)
+        return stamps
+
+    def changed(self) -> bool:
+        return self._file_stamps() != self._stamps
+
+    def reload(self) -> bool:
+        """Build and swap a new snapshot; on any problem keep the current one. Returns whether it swapped."""
+        started = time.monotonic()
+        stamps = self._file_stamps()
+        try:
+            new = self._load(self.snapshot.generation + 1)
+        except ConfigError as exc:
+            self._stamps = stamps  # do not retry the same broken files every two seconds
+            RELOADS.labels("invalid").inc()
+            log.error("rules reload refused, the previous rules keep serving:\n%s", exc)
+            return False
+        except VigieError as exc:
+            self._stamps = stamps
+            RELOADS.labels("invalid").inc()
+            log.error("rules reload refused, the previous rules keep serving: %s", exc)
+            return False
+        self.snapshot = new
+        self._stamps = self._file_stamps()
+        RELOADS.labels("ok").inc()
+        self._published()
+        log.info("rules reloaded: generation %d in %.2f s", new.generation, time.monotonic() - started)
+        return True
+
+    def _published(self) -> None:
+        RULES_GENERATION.set(self.snapshot.generation)
+        RULES_LOADED_AT.set(time.time())
+        LIST_DOMAINS.set(len(self.snapshot.lists.domains))
+
+
+def add_run_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, help_text in (("run", "run the DNS front (and metrics) on rules.yaml"),
+                            ("dns", "run only the DNS front")):
+        command = commands.add_parser(name, help=help_text)
+        command.add_argument("--rules", type=Path, default=Path("rules.yaml"))
+        command.add_argument("--dns-listen", action="append", help="address:port (overrides server.dns.listen)")
+        command.add_argument("--upstream", action="append", help="address:port (overrides server.dns.upstreams)")
+        command.add_argument("--metrics-listen", help="address:port, or `off` (overrides server.metrics.listen)")
+        command.set_defaults(handler=run_services)
+
+
+def run_services(args: argparse.Namespace) -> int:
+    overrides: dict[str, Any] = {}
+    try:
+        if args.dns_listen:
+            overrides["listen"] = tuple(parse_listen(v) for v in args.dns_listen)
+        if args.upstream:
+            overrides["upstreams"] = tuple(parse_listen(v) for v in args.upstream)
+        if args.metrics_listen and args.metrics_listen != "off":
+            overrides["metrics_listen"] = parse_listen(args.metrics_listen)
+    except ValueError as exc:
+        raise VigieError(f"bad address on the command line: {exc} (example: 127.0.0.1:5353)") from None
+    try:
+        holder = SnapshotHolder(args.rules)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{args.rules}: cannot start (run `vigie check {args.rules}`)", file=sys.stderr)
+        return 1
+    # Listening addresses are read once at start: changing them needs a restart (said in the README).
+    settings = holder.snapshot.rules.server
+    dns = dataclasses.replace(settings.dns, **{k: v for k, v in overrides.items() if k != "metrics_listen"})
+    metrics_listen = None if args.metrics_listen == "off" else overrides.get("metrics_listen",
+                                                                             settings.metrics_listen)
+    return asyncio.run(_serve(holder, dns, metrics_listen))
+
+
+async def _serve(holder: SnapshotHolder, dns: DnsSettings, metrics_listen: str | None) -> int:
+    loop = asyncio.get_running_loop()
+    state: StateView = EMPTY_STATE
+    front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(dns.upstreams))
+    servers = await start_dns_servers(front, dns.listen)
+    metrics = "off"
+    if metrics_listen:
+        host, _, port = metrics_listen.rpartition(":")
+        start_http_server(int(port), addr=host.strip("[]"))
+        metrics = f"http://{metrics_listen}/metrics"
+    stop = asyncio.Event()
+    reload_now = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    snapshot = holder.snapshot
+    print(f"vigie: DNS on {', '.join(dns.listen)} (UDP+TCP), upstreams {', '.join(dns.upstreams)}; "
+          f"metrics {metrics}; rules {snapshot.rules.source} ({len(snapshot.rules.groups)} groups, "
+          f"{len(snapshot.lists.domains)} listed domains); reload: edit the files or send SIGHUP", flush=True)
+    watcher = asyncio.create_task(_watch(holder, reload_now))
+    await stop.wait()
+    watcher.cancel()
+    for item in servers:
+        item.close()
+    log.info("stopped")
+    return 0
+
+
+async def _watch(holder: SnapshotHolder, reload_now: asyncio.Event) -> None:
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(reload_now.wait(), WATCH_INTERVAL_SECONDS)
+        forced = reload_now.is_set()
+        reload_now.clear()
+        if forced or holder.changed():
+            await asyncio.to_thread(holder.reload)
