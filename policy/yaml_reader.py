@@ -36,8 +36,10 @@ class Problems:
 class Field:
     """A YAML node with its dotted path (`groups.cm2-a.networks[1]`) and the file it came from."""
 
-    def __init__(self, node: yaml.Node, path: str, file: str, problems: Problems) -> None:
+    def __init__(self, node: yaml.Node, path: str, file: str, problems: Problems,
+                 key_node: yaml.Node | None = None) -> None:
         self.node = node
+        self.key_node = key_node  # where the key of this value was written, for "unknown key" errors
         self.path = path
         self.file = file
         self.problems = problems
@@ -80,7 +82,9 @@ class Field:
                 key_field.error(f"{key!r} is written twice; the second would silently replace the first")
                 continue
             seen.add(key)
-            yield key, self.child(value_node, key)
+            value = self.child(value_node, key)
+            value.key_node = key_node
+            yield key, value
 
     def mapping(self, known: tuple[str, ...], required: tuple[str, ...] = ()) -> dict[str, Field]:
         """The keys of a fixed-shape mapping; unknown keys are errors (with the nearest known key suggested)."""
@@ -89,7 +93,9 @@ class Field:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1)
                 hint = f"did you mean {close[0]!r}?" if close else f"known keys: {', '.join(known)}"
-                value.error(f"unknown key {key!r} ({hint})")
+                mark = (value.key_node or value.node).start_mark
+                self.problems.add(self.file, mark.line + 1, mark.column + 1, value.path,
+                                  f"unknown key {key!r} ({hint})")
                 continue
             found[key] = value
         if isinstance(self.node, yaml.MappingNode):

@@ -1,0 +1,61 @@
+"""Shared test helpers: rules written to a temporary directory, the UT1 snapshot, free ports."""
+
+from __future__ import annotations
+
+import socket
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from policy.snapshot import ListCache, Snapshot
+from vigie.loading import load_snapshot
+
+REPO = Path(__file__).resolve().parent.parent
+UT1_ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
+
+
+def write_tree(directory: Path, files: dict[str, str]) -> Path:
+    """Write `files` (name → text, dedented) below `directory`; returns the path of rules.yaml."""
+    for name, text in files.items():
+        path = directory / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(textwrap.dedent(text).lstrip("\n"), encoding="utf-8")
+    return directory / "rules.yaml"
+
+
+def snapshot_of(directory: Path, files: dict[str, str]) -> Snapshot:
+    return load_snapshot(write_tree(directory, files), ListCache()).snapshot
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+            tcp.bind(("127.0.0.1", 0))
+            port: int = tcp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+                try:
+                    udp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+            return port
+
+
+@pytest.fixture(scope="session")
+def ut1_archive() -> Path:
+    if not UT1_ARCHIVE.exists():
+        pytest.fail(f"the UT1 snapshot is expected at {UT1_ARCHIVE} (shared/ beside the repository)")
+    return UT1_ARCHIVE
+
+
+def paris(text: str) -> datetime:
+    """`2026-11-23 14:05` in Europe/Paris, as an aware datetime."""
+    from zoneinfo import ZoneInfo
+
+    return datetime.fromisoformat(text).replace(tzinfo=ZoneInfo("Europe/Paris"))
+
+
+def utc(text: str) -> datetime:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC)

@@ -1,0 +1,168 @@
+"""rules.yaml validation: every problem at once, each at its file:line:col, with a hint of what is right."""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from blocklists.errors import VigieError
+from policy.errors import ConfigError, Severity
+from policy.loader import load_rules, parse_rules
+from tests.conftest import REPO, write_tree
+
+BASE = """
+timezone: Europe/Paris
+lists:
+  city: {source: city.txt, format: domains}
+categories:
+  games: [city]
+  bypass: [vigie/dns-bypass]
+always_block: [bypass]
+groups:
+  cm2-a: {networks: [10.20.1.0/24], schedule: school}
+  cm2-b: {networks: [10.20.2.0/24], schedule: school}
+profiles:
+  class: {block: [games]}
+  home: {block: [games], screen_time: 90m}
+schedules:
+  school:
+    default: home
+    rules:
+      - {profile: class, days: [mon-fri], time: "08:30-16:30"}
+"""
+
+
+def problems_of(tmp_path: Path, text: str) -> list[str]:
+    (tmp_path / "city.txt").write_text("roblox.com\n")
+    path = write_tree(tmp_path, {"rules.yaml": text})
+    try:
+        load_rules(path)
+    except ConfigError as exc:
+        return [str(p) for p in exc.problems if p.severity is Severity.ERROR]
+    return []
+
+
+def test_the_base_rules_are_valid(tmp_path: Path) -> None:
+    assert problems_of(tmp_path, BASE) == []
+
+
+BAD = [
+    ("an unknown key names the nearest known one", ("  cm2-a: {networks: [10.20.1.0/24], schedule: school}",
+                                                    "  cm2-a: {networks: [10.20.1.0/24], schedul: school}"),
+     r"rules.yaml:9:37: groups.cm2-a.schedul: unknown key 'schedul' \(did you mean 'schedule'\?\)"),
+    ("a bad CIDR shows an example", ("10.20.2.0/24", "10.20.300.0/24"),
+     r"rules.yaml:10:\d+: groups.cm2-b.networks\[0\]: '10.20.300.0/24': not a network \(example: 10.20.1.0/24\)"),
+    ("host bits in a network are explained", ("10.20.2.0/24", "10.20.2.7/24"),
+     r"groups.cm2-b.networks\[0\]: '10.20.2.7/24': host bits are set"),
+    ("overlapping networks between groups are refused", ("10.20.2.0/24", "10.20.0.0/16"),
+     r"rules.yaml:10:\d+: groups.cm2-b.networks\[0\]: 10.20.0.0/16 overlaps 10.20.1.0/24 of group 'cm2-a'"),
+    ("an impossible time is refused", ("08:30-16:30", "08:30-25:00"),
+     r"rules.yaml:18:\d+: schedules.school.rules\[0\].time: '08:30-25:00': impossible time of day"),
+    ("an empty time range is refused", ("08:30-16:30", "08:30-08:30"),
+     r"an empty range \(for the whole day, write 00:00-24:00\)"),
+    ("an unknown day is refused", ("[mon-fri]", "[mon-fry]"), r"not a day \(mon tue wed"),
+    ("an unknown category in a profile is refused", ("class: {block: [games]}", "class: {block: [gmaes]}"),
+     r"rules.yaml:12:\d+: profiles.class.block\[0\]: unknown category 'gmaes' \(categories: games, bypass\)"),
+    ("an unknown profile in a schedule is refused", ("default: home", "default: maison"),
+     r"schedules.school.default: unknown profile 'maison'"),
+    ("an unknown schedule in a group is refused", ("schedule: school}\n  cm2-b", "schedule: ecole}\n  cm2-b"),
+     r"groups.cm2-a.schedule: unknown schedule 'ecole'"),
+    ("a list member naming no source is refused", ("games: [city]", "games: [ut1/games]"),
+     r"categories.games\[0\]: 'ut1/games' names no list source"),
+    ("a missing local list file is refused", ("source: city.txt", "source: missing.txt"),
+     r"lists.city.source: .*missing.txt does not exist"),
+    ("a key written twice is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\ntimezone: UTC"),
+     r"rules.yaml:2:1: timezone: 'timezone' is written twice"),
+    ("an unknown time zone is refused", ("Europe/Paris", "Europe/Pariss"), r"unknown time zone"),
+    ("a bad screen-time budget is refused", ("90m", "ninety"), r"profiles.home.screen_time: 'ninety': not a "
+                                                                 r"duration \(example: 90m\)"),
+    ("a bad mode is refused", ("class: {block: [games]}", "class: {mode: kiosk}"),
+     r"profiles.class.mode: 'kiosk' is not one of: filtered, allowlist-only, block-all"),
+]
+
+
+@pytest.mark.parametrize(("replace", "expected"), [(r, e) for _, r, e in BAD], ids=[i for i, _, _ in BAD])
+def test_a_mistake_is_reported_where_it_is(tmp_path: Path, replace: tuple[str, str], expected: str) -> None:
+    assert replace[0] in BASE
+    problems = problems_of(tmp_path, BASE.replace(replace[0], replace[1], 1))
+    assert any(re.search(expected, p) for p in problems), problems
+
+
+def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:
+    text = BASE.replace("10.20.2.0/24", "10.20.300.0/24").replace("[games]}", "[gmaes]}").replace(
+        "08:30-16:30", "08:30-25:00")
+    assert len(problems_of(tmp_path, text)) == 3
+
+
+def test_a_yaml_syntax_error_shows_its_line(tmp_path: Path) -> None:
+    problems = problems_of(tmp_path, BASE.replace("  class: {block: [games]}", "  class: {block: [games]"))
+    assert len(problems) == 1 and re.match(r".*rules.yaml:\d+:\d+: YAML syntax: ", problems[0]), problems
+
+
+def test_inventory_problems_name_the_csv_line(tmp_path: Path) -> None:
+    (tmp_path / "devices.csv").write_text(
+        "name;addresses;group\ntab-1;10.99.0.1;cm2-a\ntab-1;10.99.0.2;cm2-b\ntab-2;10.99.0.1;cm2-b\n"
+        "tab-3;10.99.0.300;cm2-a\ntab-4;10.99.0.4;cm9\n")
+    problems = problems_of(tmp_path, BASE + "devices:\n  inventory: devices.csv\n  unknown: refuse\n")
+    joined = "\n".join(problems)
+    assert "devices.csv:3:1: device 'tab-1' is already listed at line 2" in joined
+    assert "devices.csv:4:1: device 'tab-2': 10.99.0.1 already belongs to device 'tab-1'" in joined
+    assert "devices.csv:5:1: device 'tab-3': '10.99.0.300' is not an IP address" in joined
+    assert "devices.csv:6:1: device 'tab-4': unknown group 'cm9'" in joined
+
+
+def test_the_repository_rules_are_valid_with_the_ut1_snapshot(tmp_path: Path, ut1_archive: Path) -> None:
+    for name in ("rules.yaml", "devices.csv"):
+        shutil.copy(REPO / name, tmp_path / name)
+    shutil.copytree(REPO / "lists", tmp_path / "lists")
+    rules = (tmp_path / "rules.yaml").read_text()
+    rules = re.sub(r"source: https://\S+", f"source: {ut1_archive}", rules)
+    (tmp_path / "rules.yaml").write_text(rules)
+    from vigie.loading import load_snapshot
+
+    loaded = load_snapshot(tmp_path / "rules.yaml")
+    assert [p for p in loaded.warnings if p.severity is Severity.ERROR] == []
+    assert len(loaded.snapshot.lists.domains) > 400_000
+    assert loaded.snapshot.rules.groups["bureaux-de-vote"].profile == "kiosque"
+
+
+yaml_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=12)
+    | st.sampled_from(["10.0.0.0/8", "08:30-16:30", "mon-fri", "games", "class", "90m", "2026-12-19"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+        st.sampled_from(["groups", "profiles", "schedules", "networks", "block", "rules", "profile", "time",
+                         "default", "mode", "lists", "categories", "source", "format", "days", "x"]),
+        inner, max_size=5),
+    max_leaves=25,
+)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(document=yaml_values)
+@example(document={"groups": None, "profiles": None})
+@example(document={"groups": {"a": {"networks": "10.0.0.0/8", "profile": "p"}}, "profiles": {"p": {}}})
+@example(document=[1, 2])
+def test_any_yaml_gives_rules_or_our_own_error(tmp_path: Path, document: object) -> None:
+    text = yaml.safe_dump(document)
+    try:
+        parse_rules(text, "rules.yaml", tmp_path)
+    except VigieError:
+        pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(max_size=200))
+@example(text="groups: [\n")
+@example(text="\x00")
+@example(text="a: &x [*x]")
+def test_any_text_gives_rules_or_our_own_error(tmp_path: Path, text: str) -> None:
+    try:
+        parse_rules(text, "rules.yaml", tmp_path)
+    except VigieError:
+        pass
