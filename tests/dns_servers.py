@@ -1,0 +1,93 @@
+"""Real processes and servers for end-to-end tests: a loopback upstream DNS server and a running `vigie dns`."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from dnslib import QTYPE, RR, A, DNSRecord
+
+from tests.conftest import REPO
+
+
+class UpstreamServer:
+    """A UDP DNS server on 127.0.0.1 that answers every A question with `address` (TTL 300); counts questions."""
+
+    def __init__(self, address: str = "192.0.2.1") -> None:
+        self.address = address
+        self.asked: list[str] = []
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port: int = self.sock.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def __enter__(self) -> UpstreamServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(2)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except TimeoutError:
+                continue
+            request = DNSRecord.parse(data)
+            question = request.questions[0]
+            self.asked.append(str(question.qname).rstrip(".").lower())
+            reply = request.reply()
+            if question.qtype == QTYPE.A:
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(self.address), ttl=300))
+            self.sock.sendto(reply.pack(), peer)
+
+
+class VigieProcess:
+    """`vigie dns` as an admin runs it, on free loopback ports; stopped with SIGTERM."""
+
+    def __init__(self, rules: Path, dns_port: int, upstream_port: int, metrics_port: int | None = None) -> None:
+        self.dns_port = dns_port
+        self.metrics_port = metrics_port
+        command = [sys.executable, "-m", "vigie", "dns", "--rules", str(rules),
+                   "--dns-listen", f"127.0.0.1:{dns_port}", "--upstream", f"127.0.0.1:{upstream_port}",
+                   "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off"]
+        self.log = rules.parent / "vigie.log"
+        self._log_file = self.log.open("w")
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT,
+                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def __enter__(self) -> VigieProcess:
+        deadline = time.monotonic() + 30
+        while "vigie: DNS on" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vigie did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log_file.close()
+
+    def output(self) -> str:
+        return self.log.read_text()
+
+
+def dig(port: int, *args: str) -> str:
+    result = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+time=2", "+tries=1", *args],
+                            capture_output=True, text=True, timeout=20)
+    return result.stdout
