@@ -109,7 +109,7 @@ def parse_adblock(source: str, lines: Iterable[str]) -> ParsedList:
     Cosmetic and path rules cannot be enforced on domains; they are counted as skipped, not reported.
     """
     parsed = ParsedList(source)
-    for number, text in _content_lines(lines, ("!", "[", "#")):
+    for number, text in _content_lines(lines, ("!", "[")):
         exception = text.startswith("@@")
         rule = text[2:] if exception else text
         if "##" in rule or "#@#" in rule or "#?#" in rule:

@@ -1,0 +1,66 @@
+"""`vigie check` and `vigie explain` as an admin runs them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import REPO, write_tree
+from tests.test_loader import BASE
+
+
+def vigie(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "vigie", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_check_accepts_valid_rules_with_a_summary(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\nminecraft.net\n"})
+    result = vigie("check", str(rules))
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout and "groups (2)" in result.stdout
+    assert "games                        2 domains" in result.stdout
+
+
+def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
+    text = BASE.replace("10.20.2.0/24", "10.20.300.0/24").replace("[games]}", "[gmaes]}")
+    rules = write_tree(tmp_path, {"rules.yaml": text, "city.txt": "roblox.com\n"})
+    result = vigie("check", str(rules))
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if "rules.yaml:" in line and "warning" not in line
+              and "error(s)" not in line]
+    assert [e.split(": ", 2)[1] for e in errors] == ["groups.cm2-b.networks[0]", "profiles.class.block[0]"]
+    assert "2 error(s), 1 warning(s); nothing was changed" in result.stderr
+
+
+def test_check_of_a_missing_file_says_so(tmp_path: Path) -> None:
+    result = vigie("check", str(tmp_path / "nope.yaml"))
+    assert result.returncode == 1 and "cannot read the rules file" in result.stderr
+
+
+def test_the_repository_rules_check_without_downloaded_lists() -> None:
+    result = vigie("check", "rules.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "run `vigie lists update` to download it" in result.stderr
+
+
+def test_explain_prints_the_chain_of_reasons(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\n"})
+    result = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--at", "2026-11-23T14:05",
+                   "www.roblox.com")
+    assert result.returncode == 0, result.stderr
+    assert "decision: BLOCK (category)" in result.stdout
+    assert "client → group cm2-a (network 10.20.1.0/24 of group cm2-a)" in result.stdout
+    assert "profile class in force (schedules.school.rules[0]" in result.stdout
+    assert "holds until: 2026-11-23 16:30" in result.stdout
+    evening = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--at", "2026-11-23T18:05",
+                    "https://roblox.com/games")
+    assert "decision: BLOCK (category)" in evening.stdout and "profile home in force (default of schedule" \
+        in evening.stdout
+
+
+def test_explain_rejects_a_bad_time(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\n"})
+    result = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--at", "tomorrow", "a.fr")
+    assert result.returncode == 1 and "--at 'tomorrow' is not a date and time" in result.stderr

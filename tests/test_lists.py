@@ -1,0 +1,110 @@
+"""List formats and the UT1 archive, read as cities have them."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from blocklists.errors import ListError, VigieError
+from blocklists.formats import MAX_BAD_LINES, parse_adblock, parse_domains, parse_hosts, parse_urls
+from blocklists.names import normalize_domain
+from blocklists.ut1 import read_ut1
+
+
+def test_domains_normalise_case_dots_and_idn_and_keep_addresses_apart() -> None:
+    parsed = parse_domains("city.txt", ["# comment", "", "WWW.Example.FR.", "école.fr", "203.0.113.9", "bad..name"])
+    assert parsed.domains == ["www.example.fr", "xn--cole-9oa.fr"]
+    assert parsed.addresses == ["203.0.113.9"]
+    assert [str(p) for p in parsed.problems] == ["city.txt:6: 'bad..name' is not a domain name (example: "
+                                                 "www.example.fr)"]
+
+
+def test_hosts_and_adblock_formats() -> None:
+    hosts = parse_hosts("hosts", ["0.0.0.0 ads.example.com tracker.example.com # x", "127.0.0.1 localhost",
+                                  "nonsense"])
+    assert hosts.domains == ["ads.example.com", "tracker.example.com"]
+    assert [p.line for p in hosts.problems] == [3]
+    adblock = parse_adblock("ab", ["! title", "||ads.example.com^", "@@||ok.example.com^", "##.banner",
+                                   "||x.com/path", "||y.com^$third-party"])
+    assert adblock.domains == ["ads.example.com"] and adblock.exceptions == ["ok.example.com"]
+    assert adblock.skipped == 3
+
+
+def test_url_lists_keep_host_and_path_prefix() -> None:
+    parsed = parse_urls("urls", ["www.Example.com/Path/x", "http://example.org", "203.0.113.1/p"])
+    assert [(u.host, u.path_prefix) for u in parsed.urls] == [
+        ("www.example.com", "/Path/x"), ("example.org", "/"), ("203.0.113.1", "/p")]
+
+
+def test_too_many_bad_lines_refuse_the_list() -> None:
+    with pytest.raises(ListError, match="more than 1000 bad lines"):
+        parse_domains("junk.txt", ["!!"] * (MAX_BAD_LINES + 1))
+
+
+def test_the_ut1_snapshot_reads_with_aliases_and_descriptions(ut1_archive: Path) -> None:
+    collection = read_ut1(ut1_archive)
+    assert len(collection.categories) > 60
+    assert collection.aliases["porn"] == "adult" and collection.resolve("porn") == "adult"
+    assert collection.info["adult"].descriptions["fr"].startswith("Des sites adultes")
+    assert "tiktok.com" in collection.categories["social_networks"].domains
+    assert collection.categories["adult"].urls, "adult has URL lists even without its domains file"
+
+
+def _archive(tmp_path: Path, members: list[tarfile.TarInfo], data: bytes = b"example.com\n") -> Path:
+    path = tmp_path / "hostile.tar.gz"
+    with tarfile.open(path, "w:gz") as archive:
+        for member in members:
+            if member.isfile():
+                member.size = len(data)
+                archive.addfile(member, io.BytesIO(data))
+            else:
+                archive.addfile(member)
+    return path
+
+
+@pytest.mark.parametrize("member", [
+    tarfile.TarInfo("blacklists/../../etc/passwd"),
+    tarfile.TarInfo("/etc/cron.d/evil"),
+])
+def test_an_archive_with_a_path_leaving_it_is_refused(tmp_path: Path, member: tarfile.TarInfo) -> None:
+    with pytest.raises(ListError, match="leaves the archive"):
+        read_ut1(_archive(tmp_path, [member]))
+
+
+def test_an_archive_with_a_link_leaving_it_is_refused(tmp_path: Path) -> None:
+    link = tarfile.TarInfo("blacklists/adult")
+    link.type, link.linkname = tarfile.SYMTYPE, "../../../etc"
+    with pytest.raises(ListError, match="leaves the archive"):
+        read_ut1(_archive(tmp_path, [link]))
+
+
+def test_a_truncated_archive_is_refused(tmp_path: Path, ut1_archive: Path) -> None:
+    truncated = tmp_path / "truncated.tar.gz"
+    truncated.write_bytes(ut1_archive.read_bytes()[:200_000])
+    with pytest.raises(ListError, match="cannot read the UT1 archive"):
+        read_ut1(truncated)
+
+
+@given(st.text(max_size=80))
+@example("xn--")
+@example("a" * 64 + ".fr")
+@example("é" * 70)
+def test_any_name_normalises_or_raises_our_own_error(raw: str) -> None:
+    try:
+        name = normalize_domain(raw)
+    except VigieError:
+        return
+    assert name == name.lower() and not name.endswith(".") and len(name) <= 253
+
+
+@given(st.lists(st.text(max_size=40), max_size=20))
+def test_every_parser_only_raises_our_own_errors(lines: list[str]) -> None:
+    for parser in (parse_domains, parse_hosts, parse_adblock, parse_urls):
+        with contextlib.suppress(VigieError):
+            parser("fuzz", lines)
