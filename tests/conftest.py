@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import textwrap
 from datetime import UTC, datetime
@@ -13,7 +14,8 @@ from policy.snapshot import ListCache, Snapshot
 from vigie.loading import load_snapshot
 
 REPO = Path(__file__).resolve().parent.parent
-UT1_ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
+# CI clones the repository with shared/ beside it; VIGIE_UT1_ARCHIVE points elsewhere when needed.
+UT1_ARCHIVE = Path(os.environ.get("VIGIE_UT1_ARCHIVE", REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"))
 
 
 def write_tree(directory: Path, files: dict[str, str]) -> Path:
