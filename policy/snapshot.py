@@ -1,7 +1,7 @@
 """Rules + lists → the immutable `Snapshot` both fronts decide with. A reload builds a new one and swaps it.
 
 Compiled lists are kept between builds, keyed by the sources' fingerprints, so an edit of rules.yaml alone does
-not re-read a single list and does not hold two copies of them in memory.
+not re-read a single list and shares the lists in memory with the snapshot it replaces.
 """
 
 from __future__ import annotations
@@ -92,7 +92,8 @@ class ListCache:
                 lists[real] = source.lists[real]
                 if real in source.info:
                     info[real] = source.info[real]
-            # Drop the old matchers before building new ones: peak memory stays near one copy.
+            # The cache lets go of the old matchers first; the snapshot still serving keeps them until the swap,
+            # so a list change briefly holds two copies (the shared compiled form of #3 removes that).
             self._key, self._compiled = None, None
             compiled = compile_lists(lists, info, {ref: real for ref, real in resolved.items() if ref != real})
             if not any(p.severity is Severity.ERROR for p in problems[first_new_problem:]):
