@@ -113,7 +113,7 @@ def parse_time_range(text: str) -> TimeRange:
     start, end = parse_clock(start_text, allow_24=False), parse_clock(end_text, allow_24=True)
     if start == end % 1440 and end != 1440:
         raise ValueError("an empty range (for the whole day, write 00:00-24:00)")
-    return TimeRange(start, end if end != 1440 or start else 1440)
+    return TimeRange(start, end)
 
 
 def parse_date_range(text: str) -> DateRange:
