@@ -163,3 +163,14 @@ def test_any_yaml_gives_rules_or_our_own_error(tmp_path: Path, document: object)
 def test_any_text_gives_rules_or_our_own_error(tmp_path: Path, text: str) -> None:
     with contextlib.suppress(VigieError):
         parse_rules(text, "rules.yaml", tmp_path)
+
+
+def test_time_ranges_whole_day_and_past_midnight() -> None:
+    from policy.loader import parse_time_range
+
+    whole_day = parse_time_range("00:00-24:00")
+    assert (whole_day.start, whole_day.end, whole_day.crosses_midnight) == (0, 1440, False)
+    night = parse_time_range("22:00-02:00")
+    assert night.crosses_midnight and str(night) == "22:00-02:00"
+    with pytest.raises(ValueError, match="empty range"):
+        parse_time_range("08:00-08:00")
