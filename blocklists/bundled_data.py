@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -33,9 +34,18 @@ class SafeSearchTarget:
         return self.strict if level is SafeSearchLevel.STRICT else self.moderate
 
 
+def _bundled_text(category: str) -> str:
+    return resources.files("blocklists").joinpath(f"bundled/{category}.txt").read_text(encoding="utf-8")
+
+
 def read_bundled_list(category: str) -> ParsedList:
-    text = resources.files("blocklists").joinpath(f"bundled/{category}.txt").read_text(encoding="utf-8")
-    return parse_domains(f"{BUNDLED_SOURCE}/{category}", text.splitlines())
+    return parse_domains(f"{BUNDLED_SOURCE}/{category}", _bundled_text(category).splitlines())
+
+
+@cache
+def bundled_digest() -> str:
+    """SHA-256 of the bundled lists, so that compiled lists are rebuilt when an upgrade changes them."""
+    return hashlib.sha256("\0".join(_bundled_text(c) for c in BUNDLED_CATEGORIES).encode()).hexdigest()
 
 
 @cache

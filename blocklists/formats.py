@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from blocklists.errors import ListError, NameRejected
-from blocklists.names import ip_literal, normalize_domain
+from blocklists.names import ip_literal, is_plain_name, normalize_domain
 
 MAX_BAD_LINES = 1000
 _HOSTS_IGNORED = frozenset({"localhost", "localhost.localdomain", "local", "broadcasthost", "ip6-localhost",
@@ -84,8 +84,14 @@ def _content_lines(lines: Iterable[str], comment_prefixes: tuple[str, ...] = ("#
 def parse_domains(source: str, lines: Iterable[str]) -> ParsedList:
     """One domain (or IP address) per line; `#` comments; a domain covers its subdomains."""
     parsed = ParsedList(source)
-    for number, text in _content_lines(lines):
-        parsed.add_domain_or_address(number, text.split("#", 1)[0].strip())
+    domains, plain = parsed.domains, is_plain_name
+    for number, line in enumerate(lines, start=1):
+        text = line.strip().lower()
+        # Lists hold millions of lines that are already canonical names: take those without the full check.
+        if plain(text):
+            domains.append(text)
+        elif text and not text.startswith("#"):
+            parsed.add_domain_or_address(number, text.split("#", 1)[0].strip())
     return parsed
 
 

@@ -2,37 +2,140 @@
 
 Categories are bits of an int mask: a lookup ORs the masks of the name and of every parent, so a domain that is
 in several categories names all of them.
+
+`DomainTable` holds millions of names in a few bytes each: a MARISA trie (compressed, static, exact — no false
+positives) over the names written backwards with a leading dot, so `www.example.fr` asks for `rf.elpmaxe.www.` and
+every prefix found ending at a dot (`rf.`, `rf.elpmaxe.`) is the name itself or a parent. Each key's id indexes an
+array of "combination" numbers, and each combination is a (block mask, exception mask) pair: lists rarely combine,
+so a few hundred pairs cover millions of names. Saved to disk, the trie and the array are memory-mapped, so a
+restart does not re-parse and every worker process shares one copy in the page cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import array
+import json
+import mmap
+import os
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
+import marisa_trie
+
+from blocklists.errors import ListError
 from blocklists.formats import UrlEntry
 from blocklists.names import parent_domains
 
+_TRIE_FILE = "domains.marisa"
+_COMBINATIONS_FILE = "combinations.bin"
+_MASKS_FILE = "masks.json"
+_Width = Literal["H", "I"]  # array item of a combination number: 2 bytes, or 4 past 65,535 combinations
 
-class DomainMatcher:
-    """Exact names with their category mask; `lookup` walks the parents of the name asked."""
 
-    __slots__ = ("_masks",)
+def _key(name: str) -> str:
+    """`www.example.fr` → `rf.elpmaxe.www.`: the trie's prefixes ending at a dot are the name and its parents."""
+    return ("." + name)[::-1]
 
-    def __init__(self, entries: Iterable[tuple[str, int]]) -> None:
-        masks: dict[str, int] = {}
-        for name, mask in entries:
-            masks[name] = masks.get(name, 0) | mask
-        self._masks = masks
+
+@dataclass(frozen=True)
+class DomainListing:
+    """The names of one list category, with its bit; `exception` lists unblock their bit below those names."""
+
+    names: Iterable[str]
+    bit: int
+    exception: bool = False
+
+
+class DomainTable:
+    """Exact names with their (block, exception) masks; `lookup` answers for a name and all its parents at once."""
+
+    __slots__ = ("_buffer", "_combinations", "_pairs", "_prefixes", "_trie")
+
+    def __init__(self, trie: marisa_trie.Trie, combinations: memoryview,
+                 pairs: tuple[tuple[int, int], ...], buffer: mmap.mmap | None = None) -> None:
+        self._trie = trie
+        self._prefixes = trie.iter_prefixes_with_ids
+        self._combinations = combinations
+        self._pairs = pairs
+        self._buffer = buffer  # keeps the mapping of `combinations` open
+
+    @classmethod
+    def build(cls, listings: Iterable[DomainListing]) -> DomainTable:
+        """Compile the listings; a name in several listings carries all their bits."""
+        materialised = [(listing, [_key(name) for name in listing.names]) for listing in listings]
+        trie = marisa_trie.Trie(key for _, keys in materialised for key in keys)
+        pairs: list[tuple[int, int]] = [(0, 0)]
+        index_of: dict[tuple[int, int], int] = {(0, 0): 0}
+        # (combination before, listing) → combination after: most names meet one listing, so this stays tiny.
+        merged: dict[tuple[int, int], int] = {}
+        combinations = array.array("I", bytes(4 * len(trie)))
+        for number, (listing, keys) in enumerate(materialised):
+            for key_id in map(trie.key_id, keys):
+                before = combinations[key_id]
+                after = merged.get((before, number))
+                if after is None:
+                    block, exception = pairs[before]
+                    pair = (block, exception | listing.bit) if listing.exception else (block | listing.bit, exception)
+                    after = index_of.setdefault(pair, len(pairs))
+                    if after == len(pairs):
+                        pairs.append(pair)
+                    merged[before, number] = after
+                combinations[key_id] = after
+        width: _Width = "H" if len(pairs) <= 0xFFFF else "I"
+        packed = array.array(width, combinations).tobytes()
+        return cls(trie, memoryview(packed).cast(width), tuple(pairs))
 
     def __len__(self) -> int:
-        return len(self._masks)
+        return len(self._trie)
 
     def lookup(self, name: str) -> int:
-        masks = self._masks
-        found = 0
-        for suffix in parent_domains(name):
-            found |= masks.get(suffix, 0)
-        return found
+        """The bits of every listing naming `name` or a parent, less the bits excepted there."""
+        block = exception = 0
+        combinations, pairs = self._combinations, self._pairs
+        for _, key_id in self._prefixes(("." + name)[::-1]):
+            found_block, found_exception = pairs[combinations[key_id]]
+            block |= found_block
+            exception |= found_exception
+        return block & ~exception
+
+    def bits_of_names(self) -> Iterator[tuple[str, int, int]]:
+        """Every name with its block and exception masks (for tests and `vigie lists stats`)."""
+        for key in self._trie.iterkeys():
+            block, exception = self._pairs[self._combinations[self._trie.key_id(key)]]
+            yield key[::-1][1:], block, exception
+
+    def save(self, directory: Path) -> None:
+        self._trie.save(str(directory / _TRIE_FILE))
+        (directory / _COMBINATIONS_FILE).write_bytes(
+            bytes([1 if self._combinations.format == "H" else 2]) + self._combinations.tobytes())
+        (directory / _MASKS_FILE).write_text(json.dumps([[hex(b), hex(e)] for b, e in self._pairs]))
+
+    @classmethod
+    def open(cls, directory: Path) -> DomainTable:
+        """Map a saved table; pages are read on demand and shared with every process mapping the same files."""
+        try:
+            trie = marisa_trie.Trie()
+            trie.mmap(str(directory / _TRIE_FILE))
+            with open(directory / _COMBINATIONS_FILE, "rb") as file:
+                buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            pairs = tuple((int(b, 16), int(e, 16)) for b, e in json.loads((directory / _MASKS_FILE).read_text()))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ListError(f"{directory}: compiled lists unreadable ({exc})") from None
+        marker = buffer[0] if len(buffer) else 0
+        width: _Width = "H" if marker == 1 else "I"
+        view = memoryview(buffer)[1:]
+        if marker not in (1, 2) or len(view) != len(trie) * (2 if width == "H" else 4):
+            view.release()
+            buffer.close()
+            raise ListError(f"{directory}: compiled lists truncated or of another version")
+        return cls(trie, view.cast(width), pairs, buffer)
+
+
+def file_sizes(directory: Path) -> int:
+    """Bytes a saved table takes on disk (and at most in memory, when every page has been read)."""
+    return sum(os.path.getsize(directory / name) for name in (_TRIE_FILE, _COMBINATIONS_FILE, _MASKS_FILE))
 
 
 @dataclass(frozen=True)
@@ -54,6 +157,11 @@ class UrlMatcher:
 
     def __len__(self) -> int:
         return sum(len(prefixes) for prefixes in self._by_host.values())
+
+    def entries(self) -> Iterator[tuple[UrlEntry, int]]:
+        for host, prefixes in self._by_host.items():
+            for prefix in prefixes:
+                yield UrlEntry(host, prefix.path_prefix), prefix.mask
 
     def has_host(self, name: str) -> bool:
         """Whether any URL rule concerns `name` or a parent: the proxy must then see inside its requests."""

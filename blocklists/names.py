@@ -34,6 +34,12 @@ def normalize_domain(raw: str) -> str:
     return name
 
 
+def is_plain_name(text: str) -> bool:
+    """Whether `text` is already a canonical name (and not an IPv4 address, whose last label is all digits)."""
+    return (len(text) <= MAX_NAME_LENGTH and _ASCII_NAME.match(text) is not None
+            and not text[text.rfind(".") + 1:].isdigit())
+
+
 def parent_domains(name: str) -> list[str]:
     """`a.b.example.fr` → [`a.b.example.fr`, `b.example.fr`, `example.fr`, `fr`]: the suffixes a rule may match."""
     suffixes = [name]

@@ -10,7 +10,7 @@ from pathlib import Path
 from blocklists.bundled_data import BUNDLED_CATEGORIES, BUNDLED_SOURCE, read_bundled_list
 from blocklists.errors import ListError
 from blocklists.formats import LINE_PARSERS, ListFormat, ParsedList, Problem
-from blocklists.matcher import DomainMatcher, UrlMatcher
+from blocklists.matcher import DomainListing, DomainTable, UrlMatcher
 from blocklists.ut1 import CategoryInfo, read_ut1
 
 
@@ -78,18 +78,21 @@ class CategoryStats:
 
 @dataclass(frozen=True)
 class CompiledLists:
-    """Every used list category as one bit; the matchers answer masks over those bits."""
+    """Every used list category as one bit; the matchers answer masks over those bits.
+
+    `mapped_from` is the directory of the compiled form when the domain table is memory-mapped from disk.
+    """
 
     bits: Mapping[str, int]
     aliases: Mapping[str, str]
-    domains: DomainMatcher
-    exceptions: DomainMatcher
+    domains: DomainTable
     urls: UrlMatcher
     addresses: Mapping[str, int]
     expressions: tuple[tuple[re.Pattern[str], int], ...]
     stats: tuple[CategoryStats, ...]
     info: Mapping[str, CategoryInfo]
     problems: tuple[Problem, ...]
+    mapped_from: Path | None = None
 
     def mask_of(self, refs: Iterable[str]) -> int:
         mask = 0
@@ -101,7 +104,7 @@ class CompiledLists:
         return [ref for ref, bit in self.bits.items() if mask & bit]
 
     def lookup_domain(self, name: str) -> int:
-        return self.domains.lookup(name) & ~self.exceptions.lookup(name)
+        return self.domains.lookup(name)
 
     def lookup_url(self, host: str, path: str, url: str) -> int:
         mask = self.urls.lookup(host, path)
@@ -109,6 +112,17 @@ class CompiledLists:
             if not mask & bit and pattern.search(url):
                 mask |= bit
         return mask
+
+
+def compile_expressions(ref: str, expressions: Iterable[str], bit: int,
+                        problems: list[Problem]) -> list[tuple[re.Pattern[str], int]]:
+    compiled = []
+    for number, expression in enumerate(expressions, start=1):
+        try:
+            compiled.append((re.compile(expression, re.IGNORECASE), bit))
+        except re.error as exc:
+            problems.append(Problem(f"{ref}/expressions", number, f"not a regular expression ({exc})"))
+    return compiled
 
 
 def compile_lists(lists: Mapping[str, ParsedList], info: Mapping[str, CategoryInfo],
@@ -120,11 +134,7 @@ def compile_lists(lists: Mapping[str, ParsedList], info: Mapping[str, CategoryIn
     problems: list[Problem] = []
     for ref, parsed in lists.items():
         problems.extend(parsed.problems)
-        for number, expression in enumerate(parsed.expressions, start=1):
-            try:
-                expressions.append((re.compile(expression, re.IGNORECASE), bits[ref]))
-            except re.error as exc:
-                problems.append(Problem(f"{ref}/expressions", number, f"not a regular expression ({exc})"))
+        expressions.extend(compile_expressions(ref, parsed.expressions, bits[ref], problems))
     addresses: dict[str, int] = {}
     for ref, parsed in lists.items():
         for address in parsed.addresses:
@@ -133,11 +143,12 @@ def compile_lists(lists: Mapping[str, ParsedList], info: Mapping[str, CategoryIn
         CategoryStats(ref, len(p.domains), len(p.urls), len(p.addresses), len(p.expressions))
         for ref, p in sorted(lists.items())
     )
+    listings = [DomainListing(p.domains, bits[ref]) for ref, p in lists.items()]
+    listings += [DomainListing(p.exceptions, bits[ref], exception=True) for ref, p in lists.items() if p.exceptions]
     return CompiledLists(
         bits=bits,
         aliases=dict(aliases),
-        domains=DomainMatcher((d, bits[ref]) for ref, p in lists.items() for d in p.domains),
-        exceptions=DomainMatcher((d, bits[ref]) for ref, p in lists.items() for d in p.exceptions),
+        domains=DomainTable.build(listings),
         urls=UrlMatcher((u, bits[ref]) for ref, p in lists.items() for u in p.urls),
         addresses=addresses,
         expressions=tuple(expressions),

@@ -178,7 +178,8 @@ class _RulesReader:
         if not isinstance(self.root.node, yaml.MappingNode):
             return None
         timezone = self._timezone(top.get("timezone"))
-        server = self._server(top["server"]) if "server" in top else ServerSettings()
+        server = self._server(top["server"]) if "server" in top else \
+            ServerSettings(data_dir=str(self.base_dir / ServerSettings().data_dir))
         lists = self._lists(top.get("lists"))
         categories = self._categories(top.get("categories"), lists)
         always_block = self._category_refs(top.get("always_block"), categories)

@@ -1,7 +1,8 @@
 """Rules + lists → the immutable `Snapshot` both fronts decide with. A reload builds a new one and swaps it.
 
 Compiled lists are kept between builds, keyed by the sources' fingerprints, so an edit of rules.yaml alone does
-not re-read a single list and shares the lists in memory with the snapshot it replaces.
+not re-read a single list and shares the lists in memory with the snapshot it replaces; on disk, by the sources'
+content digests, so restarts and other processes map them instead of parsing.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from blocklists.bundled_data import BUNDLED_SOURCE, SafeSearchTarget, safe_search_hosts
+from blocklists.bundled_data import BUNDLED_SOURCE, SafeSearchTarget, bundled_digest, safe_search_hosts
+from blocklists.compiled import CompiledStore, compiled_key, content_digest
 from blocklists.errors import ListError
 from blocklists.formats import ParsedList
 from blocklists.sources import CompiledLists, LoadedSource, SourceSpec, compile_lists, is_remote, load_source
@@ -59,46 +61,84 @@ class CompiledProfile:
 
 
 class ListCache:
-    """The compiled lists of the last build, reused while the same categories of the same files are asked for."""
+    """The compiled lists of the last build, reused while the same categories of the same files are asked for.
+
+    Between processes and restarts, compiled lists are found in `<data_dir>/compiled` by the sources' content
+    digests and memory-mapped; only a real change of a list (or of the categories used) parses text again.
+    """
 
     def __init__(self) -> None:
         self._key: tuple[object, ...] | None = None
         self._compiled: CompiledLists | None = None
+        self._digests: dict[tuple[str, int, int], str] = {}
         self._lock = threading.Lock()
 
     def compiled(self, rules: Rules, problems: list[ConfigProblem]) -> CompiledLists:
         used = sorted({ref for category in rules.categories.values() for ref in category.members})
         specs = {s.name: source_spec(rules, s) for s in rules.lists}
-        origins = {s.name: s.origin for s in rules.lists}
-        key = (tuple(used), tuple(sorted(fingerprint(specs[ref.split("/", 1)[0]]) for ref in used)))
+        used_sources = sorted({ref.split("/", 1)[0] for ref in used})
+        key = (tuple(used), tuple(fingerprint(specs[name]) for name in used_sources))
         with self._lock:
             if key == self._key and self._compiled is not None:
                 return self._compiled
+            store = CompiledStore(rules.server.data_dir)
+            digests = self._content_digests([specs[name] for name in used_sources])
+            disk_key = compiled_key(used, digests) if len(digests) == len(used_sources) else None
+            found = store.open(disk_key) if disk_key else None
+            if found is not None:
+                self._key, self._compiled = key, found
+                return found
             first_new_problem = len(problems)
-            loaded: dict[str, LoadedSource] = {}
-            for name in sorted({ref.split("/", 1)[0] for ref in used}):
-                try:
-                    loaded[name] = load_source(specs[name])
-                except ListError as exc:
-                    severity = Severity.WARNING if is_remote(specs[name].location) else Severity.ERROR
-                    origin = origins[name]
-                    problems.append(ConfigProblem(origin.file, origin.line, origin.column, f"lists.{name}",
-                                                  str(exc), severity))
-            resolved = self._resolve_refs(rules, loaded, problems)
-            lists: dict[str, ParsedList] = {}
-            info: dict[str, CategoryInfo] = {}
-            for real in set(resolved.values()):
-                source = loaded[real.split("/", 1)[0]]
-                lists[real] = source.lists[real]
-                if real in source.info:
-                    info[real] = source.info[real]
-            # The cache lets go of the old matchers first; the snapshot still serving keeps them until the swap,
-            # so a list change briefly holds two copies (the shared compiled form of #3 removes that).
-            self._key, self._compiled = None, None
-            compiled = compile_lists(lists, info, {ref: real for ref, real in resolved.items() if ref != real})
-            if not any(p.severity is Severity.ERROR for p in problems[first_new_problem:]):
-                self._key, self._compiled = key, compiled
+            compiled = self._compile(rules, used_sources, specs, problems)
+            if any(p.severity is Severity.ERROR for p in problems[first_new_problem:]):
+                return compiled
+            if disk_key and len(problems) == first_new_problem:
+                compiled = store.save(disk_key, compiled)
+            self._key, self._compiled = key, compiled
             return compiled
+
+    def _content_digests(self, specs: list[SourceSpec]) -> dict[str, str]:
+        """Digest of each source on disk (remembered while its size and mtime stay); absent sources are left out."""
+        digests: dict[str, str] = {}
+        for spec in specs:
+            if spec.name == BUNDLED_SOURCE:
+                digests[spec.name] = bundled_digest()
+                continue
+            stamp = fingerprint(spec)
+            if stamp[1] < 0:
+                continue
+            if stamp not in self._digests:
+                try:
+                    self._digests[stamp] = content_digest(spec.local_path)
+                except OSError:
+                    continue
+            digests[spec.name] = self._digests[stamp]
+        return digests
+
+    def _compile(self, rules: Rules, used_sources: list[str], specs: dict[str, SourceSpec],
+                 problems: list[ConfigProblem]) -> CompiledLists:
+        origins = {s.name: s.origin for s in rules.lists}
+        loaded: dict[str, LoadedSource] = {}
+        for name in used_sources:
+            try:
+                loaded[name] = load_source(specs[name])
+            except ListError as exc:
+                severity = Severity.WARNING if is_remote(specs[name].location) else Severity.ERROR
+                origin = origins[name]
+                problems.append(ConfigProblem(origin.file, origin.line, origin.column, f"lists.{name}",
+                                              str(exc), severity))
+        resolved = self._resolve_refs(rules, loaded, problems)
+        lists: dict[str, ParsedList] = {}
+        info: dict[str, CategoryInfo] = {}
+        for real in set(resolved.values()):
+            source = loaded[real.split("/", 1)[0]]
+            lists[real] = source.lists[real]
+            if real in source.info:
+                info[real] = source.info[real]
+        # Let go of the old tables before building: the snapshot still serving keeps them (mapped from disk,
+        # so shared and cheap) until the swap.
+        self._key, self._compiled = None, None
+        return compile_lists(lists, info, {ref: real for ref, real in resolved.items() if ref != real})
 
     @staticmethod
     def _resolve_refs(rules: Rules, loaded: dict[str, LoadedSource],
