@@ -48,6 +48,34 @@ class DomainListing:
     exception: bool = False
 
 
+class _Combinations:
+    """The distinct (block mask, exception mask) pairs, numbered; 0 is (0, 0)."""
+
+    def __init__(self) -> None:
+        self._pairs: list[tuple[int, int]] = [(0, 0)]
+        self._numbers: dict[tuple[int, int], int] = {(0, 0): 0}
+        self._added: dict[tuple[int, int], int] = {}  # (combination, listing bit + flag) → combination
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    def add(self, combination: int, listing: DomainListing) -> int:
+        """The combination of a name in `combination` that `listing` also names."""
+        step = (combination, -listing.bit if listing.exception else listing.bit)
+        found = self._added.get(step)
+        if found is None:
+            block, exception = self._pairs[combination]
+            pair = (block, exception | listing.bit) if listing.exception else (block | listing.bit, exception)
+            found = self._numbers.setdefault(pair, len(self._pairs))
+            if found == len(self._pairs):
+                self._pairs.append(pair)
+            self._added[step] = found
+        return found
+
+    def pairs(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._pairs)
+
+
 class DomainTable:
     """Exact names with their (block, exception) masks; `lookup` answers for a name and all its parents at once."""
 
@@ -66,26 +94,27 @@ class DomainTable:
         """Compile the listings; a name in several listings carries all their bits."""
         materialised = [(listing, [_key(name) for name in listing.names]) for listing in listings]
         trie = marisa_trie.Trie(key for _, keys in materialised for key in keys)
-        pairs: list[tuple[int, int]] = [(0, 0)]
-        index_of: dict[tuple[int, int], int] = {(0, 0): 0}
-        # (combination before, listing) → combination after: most names meet one listing, so this stays tiny.
-        merged: dict[tuple[int, int], int] = {}
-        combinations = array.array("I", bytes(4 * len(trie)))
+        combinations = _Combinations()
+        if not materialised:
+            return cls(trie, memoryview(b"").cast("H"), combinations.pairs())
+        # Finding a key's id costs ~1 µs, so the largest listing (UT1 `adult`: most of the names) is not looked
+        # up at all: every id starts with its combination, and only names of the other listings are placed.
+        largest = max(range(len(materialised)), key=lambda number: len(materialised[number][1]))
+        others: dict[str, int] = {}
         for number, (listing, keys) in enumerate(materialised):
-            for key_id in map(trie.key_id, keys):
-                before = combinations[key_id]
-                after = merged.get((before, number))
-                if after is None:
-                    block, exception = pairs[before]
-                    pair = (block, exception | listing.bit) if listing.exception else (block | listing.bit, exception)
-                    after = index_of.setdefault(pair, len(pairs))
-                    if after == len(pairs):
-                        pairs.append(pair)
-                    merged[before, number] = after
-                combinations[key_id] = after
-        width: _Width = "H" if len(pairs) <= 0xFFFF else "I"
-        packed = array.array(width, combinations).tobytes()
-        return cls(trie, memoryview(packed).cast(width), tuple(pairs))
+            if number != largest:
+                for key in keys:
+                    others[key] = combinations.add(others.get(key, 0), listing)
+        largest_listing, largest_keys = materialised[largest]
+        for key in largest_keys:
+            if key in others:
+                others[key] = combinations.add(others[key], largest_listing)
+        ids = array.array("I", [combinations.add(0, largest_listing)]) * len(trie)
+        for key, combination in others.items():
+            ids[trie.key_id(key)] = combination
+        width: _Width = "H" if len(combinations) <= 0xFFFF else "I"
+        packed = array.array(width, ids).tobytes()
+        return cls(trie, memoryview(packed).cast(width), combinations.pairs())
 
     def __len__(self) -> int:
         return len(self._trie)

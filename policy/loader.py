@@ -20,6 +20,7 @@ from blocklists.bundled_data import BUNDLED_CATEGORIES, BUNDLED_SOURCE, SafeSear
 from blocklists.errors import NameRejected
 from blocklists.formats import ListFormat, parse_url_line
 from blocklists.names import normalize_domain
+from blocklists.update import UpdatePolicy
 from policy.errors import ConfigError, ConfigProblem, Severity
 from policy.model import (
     BlockAnswer,
@@ -93,6 +94,27 @@ def parse_duration_minutes(text: str) -> int:
     if not match or not any(match.groups()):
         raise ValueError("not a duration")
     return int(match.group(1) or 0) * 60 + int(match.group(2) or 0)
+
+
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmg]i?b|b)?$")
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_size(text: str) -> int:
+    """`512MB`, `300 MiB`, `2GB`, `1000000` → bytes."""
+    match = _SIZE.match(text.strip().lower())
+    if not match:
+        raise ValueError("not a size")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
+
+
+def parse_fraction(text: str) -> float:
+    """`50%` or `0.5` → 0.5, between 0 and 1."""
+    text = text.strip()
+    value = float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("not between 0% and 100%")
+    return value
 
 
 def parse_clock(text: str, *, allow_24: bool) -> int:
@@ -218,7 +240,7 @@ class _RulesReader:
         return field.converted(check, "Europe/Paris") or "Europe/Paris"
 
     def _server(self, field: Field) -> ServerSettings:
-        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir"))
+        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists"))
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
         proxy = keys["proxy"].mapping(("listen",)) if "proxy" in keys else {}
@@ -235,6 +257,27 @@ class _RulesReader:
                             if "listen" in metrics else None) or defaults.metrics_listen,
             state=state or defaults.state,
             data_dir=str(self.base_dir / data_dir) if data_dir else str(self.base_dir / defaults.data_dir),
+            list_updates=self._list_updates(keys["lists"]) if "lists" in keys else defaults.list_updates,
+        )
+
+    def _list_updates(self, field: Field) -> UpdatePolicy:
+        keys = field.mapping(("refresh", "timeout", "max_size", "max_shrink"))
+        defaults = UpdatePolicy()
+
+        def minutes(name: str, example: str) -> int | None:
+            return keys[name].converted(parse_duration_minutes, example) if name in keys else None
+
+        refresh, timeout = minutes("refresh", "24h"), minutes("timeout", "5m")
+        for name, value in (("refresh", refresh), ("timeout", timeout)):
+            if value == 0:
+                keys[name].error(f"server.lists.{name} must be at least 1 minute")
+        max_size = keys["max_size"].converted(parse_size, "512MB") if "max_size" in keys else None
+        max_shrink = keys["max_shrink"].converted(parse_fraction, "50%") if "max_shrink" in keys else None
+        return UpdatePolicy(
+            refresh_seconds=refresh * 60 if refresh else defaults.refresh_seconds,
+            timeout_seconds=timeout * 60 if timeout else defaults.timeout_seconds,
+            max_bytes=max_size or defaults.max_bytes,
+            max_shrink=defaults.max_shrink if max_shrink is None else max_shrink,
         )
 
     def _dns(self, field: Field) -> DnsSettings:

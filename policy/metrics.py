@@ -15,3 +15,7 @@ RELOADS = Counter("vigie_rules_reloads", "Rules reloads by result (ok, invalid)"
 RULES_GENERATION = Gauge("vigie_rules_generation", "Generation of the rules snapshot in force")
 RULES_LOADED_AT = Gauge("vigie_rules_loaded_timestamp_seconds", "When the rules in force were loaded")
 LIST_DOMAINS = Gauge("vigie_list_domains", "Domains in the compiled lists in force")
+LIST_UPDATES = Counter("vigie_list_updates", "List source updates by source and result (updated, not_modified, "
+                       "failed)", ["source", "result"])
+LIST_LAST_SUCCESS = Gauge("vigie_list_last_success_timestamp_seconds",
+                          "When each remote list source last answered (downloaded or not modified)", ["source"])

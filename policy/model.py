@@ -10,6 +10,7 @@ from pathlib import Path
 
 from blocklists.bundled_data import SafeSearchLevel
 from blocklists.formats import ListFormat
+from blocklists.update import UpdatePolicy
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -176,6 +177,7 @@ class ServerSettings:
     metrics_listen: str = "127.0.0.1:9108"
     state: str = "sqlite:///var/vigie-state.sqlite3"
     data_dir: str = "var"
+    list_updates: UpdatePolicy = field(default_factory=UpdatePolicy)
 
 
 @dataclass(frozen=True)

@@ -53,9 +53,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--rules", type=Path, default=DEFAULT_RULES)
     explain.set_defaults(handler=run_explain)
 
+    from vigie.lists_cli import add_lists_commands
     from vigie.runner import add_run_commands
 
     add_run_commands(commands)
+    add_lists_commands(commands)
     return parser
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -21,18 +22,22 @@ from typing import Any
 from prometheus_client import start_http_server
 
 from blocklists.errors import VigieError
+from blocklists.sources import SourceSpec
+from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
 from dns_resolver.server import DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.errors import ConfigError
 from policy.loader import parse_listen
-from policy.metrics import LIST_DOMAINS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
+from policy.metrics import LIST_DOMAINS, LIST_LAST_SUCCESS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
 from policy.model import DnsSettings
 from policy.snapshot import ListCache, Snapshot
 from policy.state import EMPTY_STATE, StateView
+from vigie.lists_cli import describe, record, remote_specs
 from vigie.loading import load_snapshot, watched_files
 
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_SECONDS = 2.0
+REFRESH_CHECK_SECONDS = 60.0
 
 
 class SnapshotHolder:
@@ -41,6 +46,7 @@ class SnapshotHolder:
     def __init__(self, rules_path: Path) -> None:
         self.rules_path = rules_path
         self.cache = ListCache()
+        self._reloading = threading.Lock()
         self.snapshot = self._load(1)
         self._stamps = self._file_stamps()
         self._published()
@@ -66,6 +72,10 @@ class SnapshotHolder:
 
     def reload(self) -> bool:
         """Build and swap a new snapshot; on any problem keep the current one. Returns whether it swapped."""
+        with self._reloading:
+            return self._reload()
+
+    def _reload(self) -> bool:
         started = time.monotonic()
         stamps = self._file_stamps()
         try:
@@ -142,16 +152,20 @@ async def _serve(holder: SnapshotHolder, dns: DnsSettings, metrics_listen: str |
         metrics = f"http://{metrics_listen}/metrics"
     stop = asyncio.Event()
     reload_now = asyncio.Event()
+    update_now = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
+    loop.add_signal_handler(signal.SIGUSR1, update_now.set)
     snapshot = holder.snapshot
     print(f"vigie: DNS on {', '.join(dns.listen)} (UDP+TCP), upstreams {', '.join(dns.upstreams)}; "
           f"metrics {metrics}; rules {snapshot.rules.source} ({len(snapshot.rules.groups)} groups, "
-          f"{len(snapshot.lists.domains)} listed domains); reload: edit the files or send SIGHUP", flush=True)
-    watcher = asyncio.create_task(_watch(holder, reload_now))
+          f"{len(snapshot.lists.domains)} listed domains); reload: edit the files or send SIGHUP; "
+          "update the lists: SIGUSR1", flush=True)
+    tasks = [asyncio.create_task(_watch(holder, reload_now)), asyncio.create_task(_refresh_lists(holder, update_now))]
     await stop.wait()
-    watcher.cancel()
+    for task in tasks:
+        task.cancel()
     for item in servers:
         item.close()
     log.info("stopped")
@@ -164,5 +178,39 @@ async def _watch(holder: SnapshotHolder, reload_now: asyncio.Event) -> None:
             await asyncio.wait_for(reload_now.wait(), WATCH_INTERVAL_SECONDS)
         forced = reload_now.is_set()
         reload_now.clear()
+        if updating_now(Path(holder.snapshot.rules.server.data_dir) / "lists"):
+            continue  # the updater reloads (or `vigie lists update` compiles) once its downloads are checked
         if forced or holder.changed():
             await asyncio.to_thread(holder.reload)
+
+
+async def _refresh_lists(holder: SnapshotHolder, update_now: asyncio.Event) -> None:
+    """Update the remote lists when due (server.lists.refresh, default daily) or at SIGUSR1."""
+    for spec in remote_specs(holder.snapshot.rules):
+        state = read_state(spec)
+        if state.checked_at:
+            LIST_LAST_SUCCESS.labels(spec.name).set(state.checked_at)
+    while True:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(update_now.wait(), REFRESH_CHECK_SECONDS)
+        forced = update_now.is_set()
+        update_now.clear()
+        rules = holder.snapshot.rules
+        due = [s for s in remote_specs(rules) if forced or is_due(s, rules.server.list_updates, time.time())]
+        if due:
+            await asyncio.to_thread(_update_and_reload, holder, due)
+
+
+def _update_and_reload(holder: SnapshotHolder, specs: list[SourceSpec]) -> None:
+    rules = holder.snapshot.rules
+    with update_lock(Path(rules.server.data_dir) / "lists", wait=False) as held:
+        if not held:
+            log.info("list update skipped: another process is updating the lists")
+            return
+        outcomes = [update_source(spec, rules.server.list_updates) for spec in specs]
+        for outcome, spec in zip(outcomes, specs, strict=True):
+            record(outcome, spec)
+            log.log(logging.WARNING if outcome.result is UpdateResult.FAILED else logging.INFO, "list %s",
+                    describe(outcome))
+        if any(o.result is UpdateResult.UPDATED for o in outcomes):
+            holder.reload()  # still holding the lock: other processes wait, then map what this one compiled
