@@ -85,6 +85,15 @@ BAD = [
                                                                  r"duration \(example: 90m\)"),
     ("a bad mode is refused", ("class: {block: [games]}", "class: {mode: kiosk}"),
      r"profiles.class.mode: 'kiosk' is not one of: filtered, allowlist-only, block-all"),
+    ("a bad list size limit is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                          "  lists: {max_size: lots}"),
+     r"rules.yaml:3:\d+: server.lists.max_size: 'lots': not a size \(example: 512MB\)"),
+    ("a shrink over 100% is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                       "  lists: {max_shrink: 150%}"),
+     r"server.lists.max_shrink: '150%': not between 0% and 100% \(example: 50%\)"),
+    ("a zero refresh is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                   "  lists: {refresh: 0m}"),
+     r"server.lists.refresh must be at least 1 minute"),
 ]
 
 
@@ -93,6 +102,15 @@ def test_a_mistake_is_reported_where_it_is(tmp_path: Path, replace: tuple[str, s
     assert replace[0] in BASE
     problems = problems_of(tmp_path, BASE.replace(replace[0], replace[1], 1))
     assert any(re.search(expected, p) for p in problems), problems
+
+
+def test_list_update_settings_are_read(tmp_path: Path) -> None:
+    (tmp_path / "city.txt").write_text("roblox.com\n")
+    text = BASE.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  lists: {refresh: 6h, "
+                        "timeout: 2m, max_size: 20 MiB, max_shrink: 0.2}")
+    policy = load_rules(write_tree(tmp_path, {"rules.yaml": text})).rules.server.list_updates
+    assert (policy.refresh_seconds, policy.timeout_seconds, policy.max_bytes, policy.max_shrink) == \
+        (6 * 3600, 120, 20 * 2**20, 0.2)
 
 
 def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:

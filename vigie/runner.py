@@ -190,15 +190,15 @@ async def _refresh_lists(holder: SnapshotHolder, update_now: asyncio.Event) -> N
         state = read_state(spec)
         if state.checked_at:
             LIST_LAST_SUCCESS.labels(spec.name).set(state.checked_at)
-    while True:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(update_now.wait(), REFRESH_CHECK_SECONDS)
+    while True:  # checked at start too: a fresh install downloads its lists at once
         forced = update_now.is_set()
         update_now.clear()
         rules = holder.snapshot.rules
         due = [s for s in remote_specs(rules) if forced or is_due(s, rules.server.list_updates, time.time())]
         if due:
             await asyncio.to_thread(_update_and_reload, holder, due)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(update_now.wait(), REFRESH_CHECK_SECONDS)
 
 
 def _update_and_reload(holder: SnapshotHolder, specs: list[SourceSpec]) -> None:
