@@ -76,6 +76,11 @@ class ClientDirectory:
                 return Client(found[0], None, found[1])
         return self._unknown
 
+    @property
+    def has_credentials(self) -> bool:
+        """Whether any device has a proxy credential: the proxy then asks unknown clients for one (407)."""
+        return bool(self._credentials)
+
     def identify_credential(self, user: str, password: str) -> Client | None:
         """The device whose proxy credential this is; None when the user is unknown or the password wrong."""
         entry = self._credentials.get(user)

@@ -243,7 +243,9 @@ class _RulesReader:
         keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists"))
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
-        proxy = keys["proxy"].mapping(("listen",)) if "proxy" in keys else {}
+        proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page")) if "proxy" in keys else {}
+        proxy_mode = proxy["mode"].choice(("regular", "transparent")) if "mode" in proxy else None
+        https_block_page = proxy["https_block_page"].boolean() if "https_block_page" in proxy else None
         metrics = keys["metrics"].mapping(("listen",)) if "metrics" in keys else {}
         state = keys["state"].text("sqlite:///var/lib/vigie/state.sqlite3") if "state" in keys else None
         if state is not None and not state.startswith(("sqlite:///", "redis://")):
@@ -255,6 +257,8 @@ class _RulesReader:
             or defaults.proxy_listen,
             metrics_listen=(metrics["listen"].converted(parse_listen, "127.0.0.1:9108")
                             if "listen" in metrics else None) or defaults.metrics_listen,
+            proxy_mode=proxy_mode or defaults.proxy_mode,
+            https_block_page=defaults.https_block_page if https_block_page is None else https_block_page,
             state=state or defaults.state,
             data_dir=str(self.base_dir / data_dir) if data_dir else str(self.base_dir / defaults.data_dir),
             list_updates=self._list_updates(keys["lists"]) if "lists" in keys else defaults.list_updates,

@@ -19,3 +19,8 @@ LIST_UPDATES = Counter("vigie_list_updates", "List source updates by source and 
                        "failed)", ["source", "result"])
 LIST_LAST_SUCCESS = Gauge("vigie_list_last_success_timestamp_seconds",
                           "When each remote list source last answered (downloaded or not modified)", ["source"])
+PROXY_REQUESTS = Counter("vigie_proxy_requests", "HTTP requests decided by the proxy, by group, action and reason",
+                         ["group", "action", "reason"])
+PROXY_TLS = Counter("vigie_proxy_tls_connections", "TLS connections by handling (passthrough, intercept)",
+                    ["handling"])
+BLOCK_PAGES = Counter("vigie_block_pages", "Block pages served by the proxy, by reason", ["reason"])

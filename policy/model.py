@@ -174,6 +174,8 @@ class DnsSettings:
 class ServerSettings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     proxy_listen: str = "127.0.0.1:8080"
+    proxy_mode: str = "regular"  # or "transparent", behind a firewall redirect
+    https_block_page: bool = True  # intercept blocked HTTPS to show the page (else the CONNECT is refused)
     metrics_listen: str = "127.0.0.1:9108"
     state: str = "sqlite:///var/vigie-state.sqlite3"
     data_dir: str = "var"

@@ -17,7 +17,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import start_http_server
 
@@ -26,10 +25,13 @@ from blocklists.sources import SourceSpec
 from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
 from dns_resolver.server import DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
+from filter_proxy.addon import VigieAddon
+from filter_proxy.ca import ensure_ca
+from filter_proxy.server import start_proxy
 from policy.errors import ConfigError
-from policy.loader import parse_listen
+from policy.loader import load_rules, parse_listen
 from policy.metrics import LIST_DOMAINS, LIST_LAST_SUCCESS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
-from policy.model import DnsSettings
+from policy.model import DnsSettings, ServerSettings
 from policy.snapshot import ListCache, Snapshot
 from policy.state import EMPTY_STATE, StateView
 from vigie.lists_cli import describe, record, remote_specs
@@ -104,27 +106,60 @@ class SnapshotHolder:
 
 
 def add_run_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    for name, help_text in (("run", "run the DNS front (and metrics) on rules.yaml"),
-                            ("dns", "run only the DNS front")):
+    for name, help_text, fronts in (("run", "run the DNS resolver and the HTTP(S) proxy (and metrics)", "dns proxy"),
+                                    ("dns", "run only the DNS resolver", "dns"),
+                                    ("proxy", "run only the HTTP(S) proxy", "proxy")):
         command = commands.add_parser(name, help=help_text)
         command.add_argument("--rules", type=Path, default=Path("rules.yaml"))
-        command.add_argument("--dns-listen", action="append", help="address:port (overrides server.dns.listen)")
-        command.add_argument("--upstream", action="append", help="address:port (overrides server.dns.upstreams)")
+        if "dns" in fronts:
+            command.add_argument("--dns-listen", action="append", help="address:port (overrides server.dns.listen)")
+            command.add_argument("--upstream", action="append",
+                                 help="address:port (overrides server.dns.upstreams)")
+        if "proxy" in fronts:
+            command.add_argument("--proxy-listen", help="address:port (overrides server.proxy.listen)")
+            command.add_argument("--proxy-mode", choices=("regular", "transparent"),
+                                 help="overrides server.proxy.mode")
+            command.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                                 help="a mitmproxy option, e.g. --set ssl_verify_upstream_trusted_ca=/path/ca.pem")
         command.add_argument("--metrics-listen", help="address:port, or `off` (overrides server.metrics.listen)")
-        command.set_defaults(handler=run_services)
+        command.set_defaults(handler=run_services, fronts=fronts.split())
+    ca = commands.add_parser("ca", help="create the proxy's certificate authority if needed and show its files")
+    ca.add_argument("--rules", type=Path, default=Path("rules.yaml"))
+    ca.set_defaults(handler=run_ca)
+
+
+@dataclasses.dataclass(frozen=True)
+class Fronts:
+    """What to start, with the command line's overrides applied."""
+
+    dns: DnsSettings | None
+    proxy_listen: str | None
+    proxy_mode: str
+    proxy_options: tuple[str, ...]
+    metrics_listen: str | None
+
+
+def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
+    try:
+        dns = None
+        if "dns" in args.fronts:
+            dns = settings.dns
+            if args.dns_listen:
+                dns = dataclasses.replace(dns, listen=tuple(parse_listen(v) for v in args.dns_listen))
+            if args.upstream:
+                dns = dataclasses.replace(dns, upstreams=tuple(parse_listen(v) for v in args.upstream))
+        proxy_listen = None
+        if "proxy" in args.fronts:
+            proxy_listen = parse_listen(args.proxy_listen) if args.proxy_listen else settings.proxy_listen
+        metrics_listen = None if args.metrics_listen == "off" else \
+            parse_listen(args.metrics_listen) if args.metrics_listen else settings.metrics_listen
+    except ValueError as exc:
+        raise VigieError(f"bad address on the command line: {exc} (example: 127.0.0.1:5353)") from None
+    return Fronts(dns, proxy_listen, getattr(args, "proxy_mode", None) or settings.proxy_mode,
+                  tuple(getattr(args, "set", ())), metrics_listen)
 
 
 def run_services(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {}
-    try:
-        if args.dns_listen:
-            overrides["listen"] = tuple(parse_listen(v) for v in args.dns_listen)
-        if args.upstream:
-            overrides["upstreams"] = tuple(parse_listen(v) for v in args.upstream)
-        if args.metrics_listen and args.metrics_listen != "off":
-            overrides["metrics_listen"] = parse_listen(args.metrics_listen)
-    except ValueError as exc:
-        raise VigieError(f"bad address on the command line: {exc} (example: 127.0.0.1:5353)") from None
     try:
         holder = SnapshotHolder(args.rules)
     except ConfigError as exc:
@@ -133,23 +168,41 @@ def run_services(args: argparse.Namespace) -> int:
         print(f"{args.rules}: cannot start (run `vigie check {args.rules}`)", file=sys.stderr)
         return 1
     # Listening addresses are read once at start: changing them needs a restart (said in the README).
-    settings = holder.snapshot.rules.server
-    dns = dataclasses.replace(settings.dns, **{k: v for k, v in overrides.items() if k != "metrics_listen"})
-    metrics_listen = None if args.metrics_listen == "off" else overrides.get("metrics_listen",
-                                                                             settings.metrics_listen)
-    return asyncio.run(_serve(holder, dns, metrics_listen))
+    return asyncio.run(_serve(holder, _fronts(args, holder.snapshot.rules.server)))
 
 
-async def _serve(holder: SnapshotHolder, dns: DnsSettings, metrics_listen: str | None) -> int:
+def run_ca(args: argparse.Namespace) -> int:
+    rules = load_rules(args.rules).rules
+    files = ensure_ca(Path(rules.server.data_dir))
+    print(f"{'created' if files.created else 'existing'} certificate authority, key in {files.confdir} "
+          "(keep it secret: mode 0700)")
+    print(f"certificate for the MDM: {files.pem} (PEM), {files.der} (DER)")
+    print(f"SHA-256 fingerprint: {files.sha256}")
+    return 0
+
+
+async def _serve(holder: SnapshotHolder, fronts: Fronts) -> int:
     loop = asyncio.get_running_loop()
     state: StateView = EMPTY_STATE
-    front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(dns.upstreams))
-    servers = await start_dns_servers(front, dns.listen)
+    listening: list[str] = []
+    dns_servers: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
+    proxy = None
+    if fronts.dns is not None:
+        front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(fronts.dns.upstreams))
+        dns_servers = await start_dns_servers(front, fronts.dns.listen)
+        listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP), upstreams "
+                         f"{', '.join(fronts.dns.upstreams)}")
+    if fronts.proxy_listen is not None:
+        settings = holder.snapshot.rules.server
+        ca = ensure_ca(Path(settings.data_dir))
+        addon = VigieAddon(lambda: holder.snapshot, lambda: state, block_page_for_https=settings.https_block_page)
+        proxy = await start_proxy(addon, fronts.proxy_listen, fronts.proxy_mode, ca.confdir, fronts.proxy_options)
+        listening.append(f"proxy on {fronts.proxy_listen} ({fronts.proxy_mode}; CA certificate {ca.pem})")
     metrics = "off"
-    if metrics_listen:
-        host, _, port = metrics_listen.rpartition(":")
+    if fronts.metrics_listen:
+        host, _, port = fronts.metrics_listen.rpartition(":")
         start_http_server(int(port), addr=host.strip("[]"))
-        metrics = f"http://{metrics_listen}/metrics"
+        metrics = f"http://{fronts.metrics_listen}/metrics"
     stop = asyncio.Event()
     reload_now = asyncio.Event()
     update_now = asyncio.Event()
@@ -158,16 +211,17 @@ async def _serve(holder: SnapshotHolder, dns: DnsSettings, metrics_listen: str |
     loop.add_signal_handler(signal.SIGHUP, reload_now.set)
     loop.add_signal_handler(signal.SIGUSR1, update_now.set)
     snapshot = holder.snapshot
-    print(f"vigie: DNS on {', '.join(dns.listen)} (UDP+TCP), upstreams {', '.join(dns.upstreams)}; "
-          f"metrics {metrics}; rules {snapshot.rules.source} ({len(snapshot.rules.groups)} groups, "
-          f"{len(snapshot.lists.domains)} listed domains); reload: edit the files or send SIGHUP; "
-          "update the lists: SIGUSR1", flush=True)
+    print(f"vigie: {'; '.join(listening)}; metrics {metrics}; rules {snapshot.rules.source} "
+          f"({len(snapshot.rules.groups)} groups, {len(snapshot.lists.domains)} listed domains); "
+          "reload: edit the files or send SIGHUP; update the lists: SIGUSR1", flush=True)
     tasks = [asyncio.create_task(_watch(holder, reload_now)), asyncio.create_task(_refresh_lists(holder, update_now))]
     await stop.wait()
     for task in tasks:
         task.cancel()
-    for item in servers:
+    for item in dns_servers:
         item.close()
+    if proxy is not None:
+        await proxy.stop()
     log.info("stopped")
     return 0
 

@@ -1,0 +1,213 @@
+"""The mitmproxy addon: asks the shared engine at CONNECT, at the TLS ClientHello and per request, and acts.
+
+Most HTTPS is passed through undecrypted (`ignore_connection`): every allowed host that has no URL rule, no
+safe-search rewrite and no portal redirect — so certificate-pinned apps keep working and the proxy stays cheap.
+Only what needs it is intercepted: hosts with URL rules, search and video hosts under safe search, and blocked
+hosts (to show the block page rather than a TLS error).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from mitmproxy import connection, http, tls
+
+from blocklists.errors import NameRejected
+from blocklists.names import ip_literal, normalize_domain, parent_domains
+from filter_proxy.block_page import BlockPageFacts, CategoryText, preferred_language, render
+from filter_proxy.rewrite import enforce_safe_search, portal_redirect
+from policy.clients import Client
+from policy.decision import Action, Decision, Query, Reason
+from policy.engine import decide
+from policy.metrics import BLOCK_PAGES, PROXY_REQUESTS, PROXY_TLS
+from policy.snapshot import Snapshot
+from policy.state import StateView
+
+log = logging.getLogger(__name__)
+
+REALM = "Vigie"
+_TLS_PORTS = (443, 8443)
+
+
+@dataclass(frozen=True)
+class Tunnel:
+    """What the CONNECT of a client connection established: who, and which host it asked for."""
+
+    client: Client
+    host: str
+
+
+def normalize_host(raw: str) -> str | None:
+    """A request's host as the engine wants it (IP literals in canonical form); None when it is not a host."""
+    literal = ip_literal(raw)
+    if literal is not None:
+        return literal
+    try:
+        return normalize_domain(raw)
+    except NameRejected:
+        return None
+
+
+class VigieAddon:
+    def __init__(self, snapshot: Callable[[], Snapshot], state: Callable[[], StateView], *,
+                 block_page_for_https: bool = True, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self._snapshot = snapshot
+        self._state = state
+        self._now = now
+        self.block_page_for_https = block_page_for_https
+        self._tunnels: dict[str, Tunnel] = {}
+
+    # -- hooks ---------------------------------------------------------------------------------------------------
+
+    def http_connect(self, flow: http.HTTPFlow) -> None:
+        snapshot = self._snapshot()
+        client = self._client_of(flow, snapshot)
+        if client is None:
+            return
+        host = normalize_host(flow.request.host)
+        if host is None:
+            flow.response = http.Response.make(400, b"not a host name\n")
+            return
+        self._tunnels[flow.client_conn.id] = Tunnel(client, host)
+        decision = self._decide(client, host, snapshot)
+        if decision.action is Action.BLOCK and (not self.block_page_for_https or
+                                                 flow.request.port not in (*_TLS_PORTS, 80)):
+            # No page can be shown (the option is off, or the port carries no web traffic): refuse the tunnel.
+            PROXY_REQUESTS.labels(decision.group or "unknown", decision.action.value, decision.reason.value).inc()
+            flow.response = http.Response.make(403, f"blocked by Vigie: {decision.explanation}\n".encode())
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        snapshot = self._snapshot()
+        tunnel = self._tunnels.get(data.context.client.id)
+        client = tunnel.client if tunnel else snapshot.identify(data.context.client.peername[0])
+        sni = normalize_host(data.client_hello.sni) if data.client_hello.sni else None
+        host = sni or (tunnel.host if tunnel else None)
+        if host is None and data.context.server.address:
+            host = ip_literal(str(data.context.server.address[0]))
+        if client is None or host is None or (tunnel and sni and sni != tunnel.host):
+            PROXY_TLS.labels("intercept").inc()  # the request hook refuses it with an explanation
+            return
+        decision = self._decide(client, host, snapshot)
+        if decision.action is Action.ALLOW and not self._needs_inspection(host, decision, snapshot):
+            data.ignore_connection = True
+            PROXY_TLS.labels("passthrough").inc()
+        else:
+            PROXY_TLS.labels("intercept").inc()
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response is not None:
+            return
+        snapshot = self._snapshot()
+        tunnel = self._tunnels.get(flow.client_conn.id)
+        client = tunnel.client if tunnel else self._client_of(flow, snapshot)
+        if client is None:
+            return
+        flow.request.headers.pop("Proxy-Authorization", None)
+        host = normalize_host(flow.request.pretty_host)
+        if host is None:
+            flow.response = http.Response.make(400, b"not a host name\n")
+            return
+        sni = flow.client_conn.sni
+        at = self._now()
+        if flow.request.scheme == "https" and sni and normalize_host(sni) != host:
+            # Domain fronting: a harmless name in the TLS handshake, another in the request. 421 also makes a
+            # browser that merely reused a connection retry on a new one.
+            decision = Decision(Action.BLOCK, Reason.BYPASS, f"request for {host} on a connection opened for {sni}",
+                                group=client.group, device=client.device, rule="domain-fronting")
+            self._block(flow, host, decision, snapshot, at, status=421)
+            return
+        decision = decide(Query(client, host, at, flow.request.path, flow.request.pretty_url), snapshot,
+                          self._state())
+        PROXY_REQUESTS.labels(decision.group or "unknown", decision.action.value, decision.reason.value).inc()
+        if decision.action in (Action.BLOCK, Action.REFUSE):
+            self._block(flow, host, decision, snapshot, at)
+        elif decision.profile is not None:
+            self._rewrite(flow, host, decision, snapshot)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._tunnels.pop(client.id, None)
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+
+    def _client_of(self, flow: http.HTTPFlow, snapshot: Snapshot) -> Client | None:
+        """The client by proxy credentials, else by address. Sets a 407 or 403 response and returns None when
+        the client may not use the proxy."""
+        credentials = flow.request.headers.get("Proxy-Authorization")
+        if credentials is not None:
+            client = _client_by_credentials(credentials, snapshot)
+            if client is None:
+                flow.response = _ask_credentials(b"wrong proxy user or password\n")
+            return client
+        client = snapshot.identify(flow.client_conn.peername[0])
+        if client is not None and client.known:
+            return client
+        if snapshot.clients.has_credentials:
+            flow.response = _ask_credentials(b"this proxy needs the device's user and password\n")
+            return None
+        if client is None:
+            flow.response = http.Response.make(403, b"this device is not allowed to use the Vigie proxy\n")
+        return client
+
+    def _decide(self, client: Client, host: str, snapshot: Snapshot) -> Decision:
+        return decide(Query(client, host, self._now()), snapshot, self._state())
+
+    @staticmethod
+    def _needs_inspection(host: str, decision: Decision, snapshot: Snapshot) -> bool:
+        """Whether requests to an allowed `host` must be seen: URL rules, or a portal redirect."""
+        if snapshot.lists.urls.has_host(host):
+            return True
+        profile = snapshot.profiles[decision.profile] if decision.profile else None
+        if profile is None:
+            return False
+        if profile.profile.search_portal and host in snapshot.safe_search:
+            return True
+        suffixes = parent_domains(host)
+        return any(suffix in profile.allow_urls or suffix in profile.deny_urls for suffix in suffixes)
+
+    def _rewrite(self, flow: http.HTTPFlow, host: str, decision: Decision, snapshot: Snapshot) -> None:
+        target = snapshot.safe_search.get(host)
+        if target is None or decision.profile is None:
+            return
+        profile = snapshot.profiles[decision.profile].profile
+        if profile.search_portal and profile.search_portal != host:
+            redirect = portal_redirect(flow.request, target.provider, profile.search_portal)
+            if redirect is not None:
+                flow.response = redirect
+                return
+        if decision.action is Action.REWRITE:
+            enforce_safe_search(flow.request, target.provider, profile.safe_search)
+
+    def _block(self, flow: http.HTTPFlow, host: str, decision: Decision, snapshot: Snapshot, at: datetime,
+               status: int = 403) -> None:
+        local = at.astimezone(snapshot.clock.zone)
+        profile = snapshot.profiles.get(decision.profile or "")
+        categories = tuple(
+            CategoryText(ref, (info.titles if info else {}), (info.descriptions if info else {}))
+            for ref in decision.lists for info in (snapshot.lists.info.get(ref),)
+        ) or tuple(CategoryText(name, {}, {}) for name in decision.categories)
+        facts = BlockPageFacts(host, decision, categories, local, profile.profile.message if profile else None,
+                               snapshot.generation)
+        language = preferred_language(flow.request.headers.get("Accept-Language"))
+        flow.response = http.Response.make(status, render(facts, language), {
+            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language})
+        BLOCK_PAGES.labels(decision.reason.value).inc()
+
+
+def _client_by_credentials(header: str, snapshot: Snapshot) -> Client | None:
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(encoded.strip(), validate=True).decode("utf-8").partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return snapshot.clients.identify_credential(user, password)
+
+
+def _ask_credentials(body: bytes) -> http.Response:
+    return http.Response.make(407, body, {"Proxy-Authenticate": f'Basic realm="{REALM}"'})
