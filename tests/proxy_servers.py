@@ -1,0 +1,138 @@
+"""For end-to-end proxy tests: a local HTTP and HTTPS origin that answers for any name, and `vigie proxy` itself.
+
+The origin's certificate comes from a test CA, so a client that trusts only that CA proves a connection was passed
+through untouched, and a client that trusts only Vigie's CA proves it was intercepted. mitmproxy reaches the origin
+through `tests/proxy_origin_map.py`, a mitmproxy script standing in for the Internet's DNS: every upstream
+connection goes to the local origin.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from tests.conftest import REPO
+
+ORIGIN_NAMES = ("allowed.example", "www.google.com", "www.bing.com", "www.youtube.com", "roblox.com",
+                "www.roblox.com", "pages.example", "wiki.example")
+
+
+def make_origin_certificates(directory: Path) -> tuple[Path, Path]:
+    """A test CA (returned as a PEM file) and a certificate for ORIGIN_NAMES (key + chain in one PEM)."""
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "Vigie tests origin CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=30))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, ORIGIN_NAMES[0])]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in ORIGIN_NAMES]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    ca_file, leaf_file = directory / "origin-ca.pem", directory / "origin.pem"
+    ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    leaf_file.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                            serialization.NoEncryption())
+                          + leaf.public_bytes(serialization.Encoding.PEM))
+    return ca_file, leaf_file
+
+
+class _EchoHandler(BaseHTTPRequestHandler):
+    """Answers every GET with what it received, as JSON: the test reads what the proxy forwarded."""
+
+    def do_GET(self) -> None:
+        body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+class Origin:
+    """HTTP and HTTPS echo servers on 127.0.0.1 (free ports), stopped on exit."""
+
+    def __init__(self, directory: Path) -> None:
+        self.ca_file, leaf = make_origin_certificates(directory)
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+        self.https = ThreadingHTTPServer(("127.0.0.1", 0), _EchoHandler)
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(leaf)
+        self.https.socket = context.wrap_socket(self.https.socket, server_side=True)
+        for server in (self.http, self.https):
+            server.daemon_threads = True
+            threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def __enter__(self) -> Origin:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for server in (self.http, self.https):
+            server.shutdown()
+            server.server_close()
+
+
+class ProxyProcess:
+    """`vigie proxy` as an admin runs it, wired to the local origin; stopped with SIGTERM."""
+
+    def __init__(self, rules: Path, port: int, origin: Origin, *extra: str) -> None:
+        self.port = port
+        self.data_dir = rules.parent / "var"
+        command = [sys.executable, "-m", "vigie", "proxy", "--rules", str(rules),
+                   "--proxy-listen", f"127.0.0.1:{port}", "--metrics-listen", "off",
+                   "--set", f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
+                   "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}", *extra]
+        self.log = rules.parent / "proxy.log"
+        self._log_file = self.log.open("w")
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "VIGIE_TEST_ORIGIN_HTTP": str(origin.http.server_port),
+               "VIGIE_TEST_ORIGIN_HTTPS": str(origin.https.server_port)}
+        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
+
+    def __enter__(self) -> ProxyProcess:
+        deadline = time.monotonic() + 30
+        while "vigie: proxy on" not in self.log.read_text():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vigie proxy did not start:\n{self.log.read_text()}")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log_file.close()
+
+    @property
+    def ca_file(self) -> Path:
+        return self.data_dir / "ca" / "vigie-ca.pem"
+
+
+def curl(proxy_port: int, url: str, *args: str) -> tuple[int, str, str]:
+    """(exit code, HTTP status, body) of `curl --proxy` as a tablet's browser would send the request."""
+    result = subprocess.run(["curl", "-sS", "--max-time", "10", "--proxy", f"http://127.0.0.1:{proxy_port}",
+                             "-w", "\n%{http_code}", *args, url], capture_output=True, text=True, timeout=30)
+    body, _, status = result.stdout.rpartition("\n")
+    return result.returncode, status, body or result.stderr
