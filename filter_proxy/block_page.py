@@ -146,7 +146,7 @@ def render(facts: BlockPageFacts, language: str) -> bytes:
 body{{margin:0;font-family:system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;background:#eef3f8;color:#1d2733}}
 main{{max-width:40rem;margin:6vh auto;padding:2rem 2.2rem;background:#fff;border-radius:1rem;
 box-shadow:0 .3rem 1.2rem rgba(0,0,0,.08)}}
-.icon{{font-size:3.5rem;line-height:1}} h1{{font-size:1.9rem;margin:.6rem 0 .2rem}}
+.icon{{display:block}} h1{{font-size:1.9rem;margin:.6rem 0 .2rem}}
 .site{{font-size:1.25rem;font-weight:600;color:#0b5cad;word-break:break-all;margin:0 0 1.2rem}}
 .why{{font-size:1.3rem}} .until{{font-size:1.2rem;font-weight:600;color:#1f7a3a}}
 .message{{font-style:italic}} details{{margin-top:1.6rem;color:#4a5868}} th{{text-align:left;padding-right:1rem}}
@@ -154,7 +154,8 @@ box-shadow:0 .3rem 1.2rem rgba(0,0,0,.08)}}
 .ref{{font-family:ui-monospace,monospace;font-size:1.2rem;letter-spacing:.1em}}
 </style></head>
 <body><main>
-<div class="icon" aria-hidden="true">&#9995;</div>
+<svg class="icon" aria-hidden="true" viewBox="0 0 64 64" width="64" height="64"><circle cx="32" cy="32" r="28"
+ fill="#e8623a"/><rect x="14" y="27" width="36" height="10" rx="3" fill="#fff"/></svg>
 <h1>{e(text["blocked"])}</h1>
 <p class="site">{e(facts.site)}</p>
 {"".join(parts)}

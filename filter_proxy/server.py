@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +17,8 @@ from blocklists.errors import VigieError
 from filter_proxy.addon import VigieAddon
 
 START_TIMEOUT_SECONDS = 15.0
+# mitmproxy logs every client connection at INFO: noise, and a trace of who browsed when. Warnings stay.
+logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
 
 
 @dataclass
