@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,15 +36,20 @@ _TLS_PORTS = (443, 8443)
 
 
 @dataclass(frozen=True)
-class Tunnel:
-    """What the CONNECT of a client connection established: who, and which host it asked for."""
+class KnownConnection:
+    """Who is on a client connection, identified once per rules generation (a reload may move a device), with
+    the credentials it gave and the host its CONNECT asked for."""
 
     client: Client
-    host: str
+    generation: int
+    credentials: str | None
+    connect_host: str | None
 
 
+@functools.lru_cache(maxsize=16384)
 def normalize_host(raw: str) -> str | None:
-    """A request's host as the engine wants it (IP literals in canonical form); None when it is not a host."""
+    """A request's host as the engine wants it (IP literals in canonical form); None when it is not a host.
+    Memoised: the same few thousand hosts come back all day."""
     literal = ip_literal(raw)
     if literal is not None:
         return literal
@@ -60,20 +66,19 @@ class VigieAddon:
         self._state = state
         self._now = now
         self.block_page_for_https = block_page_for_https
-        self._tunnels: dict[str, Tunnel] = {}
+        self._connections: dict[str, KnownConnection] = {}
 
     # -- hooks ---------------------------------------------------------------------------------------------------
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
         snapshot = self._snapshot()
-        client = self._client_of(flow, snapshot)
+        host = normalize_host(flow.request.host)
+        client = self._client_of(flow, snapshot, connect_host=host)
         if client is None:
             return
-        host = normalize_host(flow.request.host)
         if host is None:
             flow.response = http.Response.make(400, b"not a host name\n")
             return
-        self._tunnels[flow.client_conn.id] = Tunnel(client, host)
         decision = self._decide(client, host, snapshot)
         if decision.action is Action.BLOCK and (not self.block_page_for_https or
                                                  flow.request.port not in (*_TLS_PORTS, 80)):
@@ -83,13 +88,14 @@ class VigieAddon:
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
         snapshot = self._snapshot()
-        tunnel = self._tunnels.get(data.context.client.id)
-        client = tunnel.client if tunnel else snapshot.identify(data.context.client.peername[0])
+        known = self._connections.get(data.context.client.id)
+        client, _ = self._identify(snapshot, data.context.client.peername[0], known.credentials if known else None)
+        connect_host = known.connect_host if known else None
         sni = normalize_host(data.client_hello.sni) if data.client_hello.sni else None
-        host = sni or (tunnel.host if tunnel else None)
+        host = sni or connect_host
         if host is None and data.context.server.address:
             host = ip_literal(str(data.context.server.address[0]))
-        if client is None or host is None or (tunnel and sni and sni != tunnel.host):
+        if client is None or host is None or (connect_host and sni and sni != connect_host):
             PROXY_TLS.labels("intercept").inc()  # the request hook refuses it with an explanation
             return
         decision = self._decide(client, host, snapshot)
@@ -103,12 +109,11 @@ class VigieAddon:
         if flow.response is not None:
             return
         snapshot = self._snapshot()
-        tunnel = self._tunnels.get(flow.client_conn.id)
-        client = tunnel.client if tunnel else self._client_of(flow, snapshot)
+        client = self._client_of(flow, snapshot)
         if client is None:
             return
         flow.request.headers.pop("Proxy-Authorization", None)
-        host = normalize_host(flow.request.pretty_host)
+        host = normalize_host(_host_without_port(flow.request.host_header or flow.request.host))
         if host is None:
             flow.response = http.Response.make(400, b"not a host name\n")
             return
@@ -121,8 +126,8 @@ class VigieAddon:
                                 group=client.group, device=client.device, rule="domain-fronting")
             self._block(flow, host, decision, snapshot, at, status=421)
             return
-        decision = decide(Query(client, host, at, flow.request.path, flow.request.pretty_url), snapshot,
-                          self._state())
+        url = f"{flow.request.scheme}://{host}{flow.request.path}"
+        decision = decide(Query(client, host, at, flow.request.path, url), snapshot, self._state())
         PROXY_REQUESTS.labels(decision.group or "unknown", decision.action.value, decision.reason.value).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
             self._block(flow, host, decision, snapshot, at)
@@ -130,28 +135,42 @@ class VigieAddon:
             self._rewrite(flow, host, decision, snapshot)
 
     def client_disconnected(self, client: connection.Client) -> None:
-        self._tunnels.pop(client.id, None)
+        self._connections.pop(client.id, None)
 
     # -- steps ---------------------------------------------------------------------------------------------------
 
-    def _client_of(self, flow: http.HTTPFlow, snapshot: Snapshot) -> Client | None:
-        """The client by proxy credentials, else by address. Sets a 407 or 403 response and returns None when
-        the client may not use the proxy."""
+    def _client_of(self, flow: http.HTTPFlow, snapshot: Snapshot, connect_host: str | None = None) -> Client | None:
+        """The client of a flow: remembered for its connection, else by proxy credentials or address. Sets a 407
+        or 403 response and returns None when the client may not use the proxy."""
+        connection_id = flow.client_conn.id
+        known = self._connections.get(connection_id)
         credentials = flow.request.headers.get("Proxy-Authorization")
+        if known and known.generation == snapshot.generation and credentials in (None, known.credentials):
+            return known.client
+        credentials = credentials or (known.credentials if known else None)
+        client, refusal = self._identify(snapshot, flow.client_conn.peername[0], credentials)
+        if client is None:
+            flow.response = refusal
+            return None
+        self._connections[connection_id] = KnownConnection(
+            client, snapshot.generation, credentials, connect_host or (known.connect_host if known else None))
+        return client
+
+    @staticmethod
+    def _identify(snapshot: Snapshot, address: str,
+                  credentials: str | None) -> tuple[Client | None, http.Response | None]:
+        """(client, None), or (None, the 407 or 403 to answer)."""
         if credentials is not None:
             client = _client_by_credentials(credentials, snapshot)
-            if client is None:
-                flow.response = _ask_credentials(b"wrong proxy user or password\n")
-            return client
-        client = snapshot.identify(flow.client_conn.peername[0])
+            return (client, None) if client else (None, _ask_credentials(b"wrong proxy user or password\n"))
+        client = snapshot.identify(address)
         if client is not None and client.known:
-            return client
+            return client, None
         if snapshot.clients.has_credentials:
-            flow.response = _ask_credentials(b"this proxy needs the device's user and password\n")
-            return None
-        if client is None:
-            flow.response = http.Response.make(403, b"this device is not allowed to use the Vigie proxy\n")
-        return client
+            return None, _ask_credentials(b"this proxy needs the device's user and password\n")
+        if client is not None:
+            return client, None  # the rules' default group for unknown devices
+        return None, http.Response.make(403, b"this device is not allowed to use the Vigie proxy\n")
 
     def _decide(self, client: Client, host: str, snapshot: Snapshot) -> Decision:
         return decide(Query(client, host, self._now()), snapshot, self._state())
@@ -196,6 +215,14 @@ class VigieAddon:
         flow.response = http.Response.make(status, render(facts, language), {
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language})
         BLOCK_PAGES.labels(decision.reason.value).inc()
+
+
+def _host_without_port(authority: str) -> str:
+    """`example.fr:8080` → `example.fr`, `[2001:db8::1]:443` → `2001:db8::1`; the Host header as the client sent it."""
+    if authority.startswith("["):
+        return authority[1:].partition("]")[0]
+    host, colon, port = authority.rpartition(":")
+    return host if colon and port.isdigit() and ":" not in host else authority
 
 
 def _client_by_credentials(header: str, snapshot: Snapshot) -> Client | None:

@@ -179,3 +179,33 @@ def test_an_unknown_client_without_credentials_configured_is_refused(tmp_path: P
     files = {**FILES, "rules.yaml": RULES.replace("  inventory: devices.csv\n", "")}
     flow = request(snapshot_of(tmp_path, files), "http://wikipedia.org/", peer="192.0.2.7")
     assert flow.response is not None and flow.response.status_code == 403
+
+
+def test_a_reload_that_moves_a_network_applies_to_open_connections(tmp_path: Path) -> None:
+    from policy.snapshot import ListCache
+    from tests.conftest import write_tree
+    from vigie.loading import load_snapshot
+
+    rules = write_tree(tmp_path, FILES)
+    snapshots = [load_snapshot(rules, ListCache()).snapshot]
+    addon = VigieAddon(lambda: snapshots[-1], lambda: EMPTY_STATE, now=lambda: CLASS_TIME)
+    client = tflow.tclient_conn()
+    client.peername = ("127.0.0.1", 50000)
+
+    def roblox() -> int:
+        flow = tflow.tflow(client_conn=client, req=tutils.treq(
+            scheme=b"http", host="roblox.com", port=80, authority=b"", path=b"/",
+            headers=http.Headers(Host="roblox.com"), content=b""))
+
+        async def hook() -> None:
+            with taddons.context(addon):
+                addon.requestheaders(flow)
+
+        asyncio.run(hook())
+        return flow.response.status_code if flow.response else 200
+
+    assert roblox() == 403  # the school group blocks games
+    rules.write_text(RULES.replace("school: {networks: [127.0.0.0/8]", "school: {networks: [10.40.0.0/16]")
+                     .replace("home: {networks: [10.50.0.0/16]", "home: {networks: [127.0.0.0/8]"))
+    snapshots.append(load_snapshot(rules, ListCache(), generation=2).snapshot)
+    assert roblox() == 200  # same connection, now the home group, which does not block games
