@@ -14,6 +14,7 @@ import struct
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import cast
 
@@ -21,6 +22,7 @@ from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOptio
 
 from blocklists.errors import NameRejected
 from blocklists.names import normalize_domain
+from dns_resolver.fastpath import PlainQuery, ReplyCache, read_plain_query
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
@@ -50,6 +52,22 @@ def formerr_for(packet: bytes) -> bytes | None:
     return struct.pack("!HHHHHH", query_id, 0x8000 | (flags & 0x7900) | RCODE.FORMERR, 0, 0, 0, 0)
 
 
+@dataclass(frozen=True)
+class Answered:
+    """A reply and how long the same question from the same view may get it again (0: not at all)."""
+
+    wire: bytes
+    lifetime: float = 0.0
+    labels: tuple[str, str, str] = ("", "", "")
+    view: object = None
+
+
+@dataclass(frozen=True)
+class _Reply:
+    record: DNSRecord
+    lifetime: float = 0.0
+
+
 class DnsFront:
     """Protocol-independent handling of one query; the UDP and TCP servers below only move bytes."""
 
@@ -61,68 +79,97 @@ class DnsFront:
         self.clock = clock
         self._decisions: OrderedDict[tuple[int, str, str | None, str], Decision] = OrderedDict()
         self._answers: OrderedDict[tuple[str, int, int], tuple[float, DNSRecord]] = OrderedDict()
+        self._clients: dict[str, tuple[int, Client | None]] = {}
+        self.replies = ReplyCache()
 
-    async def handle(self, packet: bytes, client_address: str) -> bytes | None:
+    def client_of(self, address: str, snapshot: Snapshot) -> Client | None:
+        """The client behind a source address, remembered per rules generation (parsing an address costs more
+        than answering from the cache)."""
+        known = self._clients.get(address)
+        if known is not None and known[0] == snapshot.generation:
+            return known[1]
+        if len(self._clients) > MAX_DECISION_CACHE:
+            self._clients.clear()
+        client = snapshot.identify(address)
+        self._clients[address] = (snapshot.generation, client)
+        return client
+
+    def shared_state_is_empty(self) -> bool:
+        """Whether no override or screen-time count exists: decisions then depend on the group and time only."""
+        state = self.current_state()
+        return not state.overrides and not state.minutes_used_today
+
+    async def handle(self, packet: bytes, client_address: str) -> Answered | None:
         started = time.perf_counter()
         try:
             request = DNSRecord.parse(packet)
         except Exception:  # dnslib raises several kinds on garbage; all mean "malformed"
             DNS_ERRORS.labels("formerr").inc()
-            return formerr_for(packet)
+            return _raw(formerr_for(packet))
         if request.header.qr or len(request.questions) != 1:
             DNS_ERRORS.labels("formerr").inc()
-            return formerr_for(packet)
+            return _raw(formerr_for(packet))
+        labels, view = ("", "", ""), None
         try:
-            reply = await self._answer(request, client_address)
+            snapshot = self.current_snapshot()
+            client = self.client_of(client_address, snapshot)
+            reply, labels = await self._answer(request, client, snapshot)
+            view = (snapshot.generation, client.group) if client else None
         except Exception:
             log.exception("internal error answering a query; answered SERVFAIL")
             DNS_ERRORS.labels("internal").inc()
-            reply = request.reply()
-            reply.header.rcode = RCODE.SERVFAIL
+            reply = _Reply(_rcode_reply(request, RCODE.SERVFAIL))
         DNS_LATENCY.observe(time.perf_counter() - started)
-        wire: bytes = reply.pack()
-        return wire
+        return Answered(reply.record.pack(), reply.lifetime, labels, view)
 
-    async def _answer(self, request: DNSRecord, client_address: str) -> DNSRecord:
-        snapshot = self.current_snapshot()
+    async def _answer(self, request: DNSRecord, client: Client | None,
+                      snapshot: Snapshot) -> tuple[_Reply, tuple[str, str, str]]:
         question = request.questions[0]
-        client = snapshot.identify(client_address)
         if client is None:
             QUERIES.labels("", "refuse", "unknown_client").inc()
-            return _rcode_reply(request, RCODE.REFUSED)
+            return _Reply(_rcode_reply(request, RCODE.REFUSED)), ("", "refuse", "unknown_client")
         try:
             name = normalize_domain(str(question.qname))
         except NameRejected:
             DNS_ERRORS.labels("formerr").inc()
-            return _rcode_reply(request, RCODE.FORMERR)
+            return _Reply(_rcode_reply(request, RCODE.FORMERR)), ("", "", "")
         now = self.clock()
-        decision = self._decision(snapshot, client, name, now)
-        QUERIES.labels(client.group, decision.action.value, decision.reason.value).inc()
-        ttl_cap = BLOCK_TTL if decision.until is None else max(0, int((decision.until - now).total_seconds()))
+        decision, cacheable = self._decision(snapshot, client, name, now)
+        labels = (client.group, decision.action.value, decision.reason.value)
+        QUERIES.labels(*labels).inc()
+        max_ttl = snapshot.rules.server.dns.max_ttl_seconds
+        # An answer never outlives the decision behind it (the next schedule change, an override's end).
+        ttl_cap = max_ttl if decision.until is None else \
+            max(0, min(max_ttl, int((decision.until - now).total_seconds())))
         if decision.action is Action.BLOCK:
-            return self._block_reply(request, decision, snapshot, min(ttl_cap, BLOCK_TTL))
-        if decision.action is Action.REFUSE:
-            return _rcode_reply(request, RCODE.REFUSED)
-        if question.qtype in _SVCB_TYPES and decision.action is Action.REWRITE:
-            return _with_edns(request, request.reply())  # no HTTPS/SVCB hints around the rewrite
-        if decision.action is Action.REWRITE and decision.rewrite_to:
-            return await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
-        return await self._forward(request, min(ttl_cap, snapshot.rules.server.dns.max_ttl_seconds))
+            ttl = min(ttl_cap, BLOCK_TTL)
+            reply = _Reply(self._block_reply(request, decision, snapshot, ttl), ttl)
+        elif decision.action is Action.REFUSE:
+            reply = _Reply(_rcode_reply(request, RCODE.REFUSED))
+        elif question.qtype in _SVCB_TYPES and decision.action is Action.REWRITE:
+            # No HTTPS/SVCB hints around the rewrite.
+            reply = _Reply(_with_edns(request, request.reply()), min(ttl_cap, BLOCK_TTL))
+        elif decision.action is Action.REWRITE and decision.rewrite_to:
+            reply = await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
+        else:
+            reply = await self._forward(request, ttl_cap)
+        return (reply if cacheable else _Reply(reply.record)), labels
 
-    def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Decision:
+    def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> tuple[Decision, bool]:
         """Decisions are cached per (generation, group, device, name) until they expire, while no shared state
-        (override, screen time) can change them."""
+        (override, screen time) can change them. Returns the decision and whether it was cacheable."""
         key = (snapshot.generation, client.group, client.device, name)
         cached = self._decisions.get(key)
         if cached is not None and (cached.until is None or now < cached.until):
-            return cached
+            return cached, True
         state = self.current_state()
         decision = decide(Query(client, name, now), snapshot, state)
-        if not state.overrides and not state.minutes_used_today:
+        cacheable = not state.overrides and not state.minutes_used_today
+        if cacheable:
             self._decisions[key] = decision
             if len(self._decisions) > MAX_DECISION_CACHE:
                 self._decisions.popitem(last=False)
-        return decision
+        return decision, cacheable
 
     def _block_reply(self, request: DNSRecord, decision: Decision, snapshot: Snapshot, ttl: int) -> DNSRecord:
         settings = snapshot.rules.server.dns
@@ -143,7 +190,7 @@ class DnsFront:
         text = ", ".join(decision.categories) or decision.reason.value
         return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", code) + text.encode()))
 
-    async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> DNSRecord:
+    async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> _Reply:
         question = request.questions[0]
         reply = request.reply()
         ttl = min(ttl_cap, 300)
@@ -151,14 +198,20 @@ class DnsFront:
         if question.qtype in (QTYPE.A, QTYPE.AAAA):
             target_answer = await self._cached_or_forwarded(DNSRecord.question(target, QTYPE[question.qtype]),
                                                             snapshot)
+            if target_answer.header.rcode != RCODE.NOERROR:
+                return _Reply(_with_edns(request, reply))
             for rr in target_answer.rr:
                 if rr.rtype == question.qtype:
                     rr.ttl = min(rr.ttl, ttl)
                     reply.add_answer(rr)
-        return _with_edns(request, reply)
+        return _Reply(_with_edns(request, reply), _min_ttl(reply))
 
-    async def _forward(self, request: DNSRecord, ttl_cap: int) -> DNSRecord:
+    async def _forward(self, request: DNSRecord, ttl_cap: int) -> _Reply:
         upstream_answer = await self._cached_or_forwarded(request, None)
+        if upstream_answer.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
+            failed = _rcode_reply(request, upstream_answer.header.rcode)
+            failed.header.ra = 1
+            return _Reply(_with_edns(request, failed))
         reply = request.reply()
         reply.header.rcode = upstream_answer.header.rcode
         reply.header.ra = 1
@@ -170,7 +223,7 @@ class DnsFront:
             if rr.rtype != QTYPE.OPT:
                 rr.ttl = min(rr.ttl, ttl_cap)
                 reply.add_ar(rr)
-        return _with_edns(request, reply)
+        return _Reply(_with_edns(request, reply), min(_min_ttl(reply), ttl_cap) if reply.rr or reply.auth else 0)
 
     async def _cached_or_forwarded(self, request: DNSRecord, snapshot: Snapshot | None) -> DNSRecord:
         question = request.questions[0]
@@ -201,6 +254,10 @@ class DnsFront:
         return DNSRecord.parse(answer.pack())
 
 
+def _raw(wire: bytes | None) -> Answered | None:
+    return None if wire is None else Answered(wire)
+
+
 def _min_ttl(record: DNSRecord) -> int:
     ttls = [rr.ttl for rr in (*record.rr, *record.auth)]
     return min(ttls) if ttls else 0
@@ -220,6 +277,8 @@ def _with_edns(request: DNSRecord, reply: DNSRecord, *options: EDNSOption) -> DN
 
 
 class _UdpProtocol(asyncio.DatagramProtocol):
+    """Answers cached questions at once (see dns_resolver.fastpath), hands the rest to the front as tasks."""
+
     def __init__(self, front: DnsFront) -> None:
         self.front = front
         self.transport: asyncio.DatagramTransport | None = None
@@ -229,15 +288,31 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        task = asyncio.ensure_future(self._reply(data, addr))
+        query = read_plain_query(data)
+        if query is not None and self.transport is not None:
+            started = time.perf_counter()
+            front = self.front
+            snapshot = front.current_snapshot()
+            client = front.client_of(addr[0], snapshot)
+            if client is not None and front.shared_state_is_empty():
+                hit = front.replies.reply((snapshot.generation, client.group), query, data)
+                if hit is not None:
+                    self.transport.sendto(hit[0], addr)
+                    QUERIES.labels(*hit[1].labels).inc()
+                    DNS_LATENCY.observe(time.perf_counter() - started)
+                    return
+        task = asyncio.ensure_future(self._reply(data, addr, query))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
-    async def _reply(self, data: bytes, addr: tuple[str, int]) -> None:
-        answer = await self.front.handle(data, addr[0])
-        if answer is None or self.transport is None:
+    async def _reply(self, data: bytes, addr: tuple[str, int], query: PlainQuery | None) -> None:
+        answered = await self.front.handle(data, addr[0])
+        if answered is None or self.transport is None:
             return
-        limit = _client_udp_size(data)
+        answer = answered.wire
+        if query is not None and answered.lifetime and answered.view is not None:
+            self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels)
+        limit = query.udp_size if query is not None else _client_udp_size(data)
         if len(answer) > limit:
             answer = _truncated(answer)
         self.transport.sendto(answer, addr)
@@ -269,10 +344,10 @@ async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, write
         while True:  # several queries per connection
             header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
             packet = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header)[0]), timeout=10)
-            answer = await front.handle(packet, peer[0])
-            if answer is None:
+            answered = await front.handle(packet, peer[0])
+            if answered is None:
                 break
-            writer.write(struct.pack("!H", len(answer)) + answer)
+            writer.write(struct.pack("!H", len(answered.wire)) + answered.wire)
             await writer.drain()
     except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
         pass

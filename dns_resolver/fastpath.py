@@ -1,0 +1,156 @@
+"""The DNS hot path: a plain query whose answer is cached is answered from bytes, without dnslib or the engine.
+
+Reading a query here means: header checks, the one question's name, type and class, and an optional OPT record.
+Anything unusual (another opcode, several questions, compression in the question, trailing bytes) returns None and
+goes the slow way, which answers every case. The cached reply is kept as bytes split around the question, so a hit
+is: the client's ID and question (its 0x20 case preserved), our header and answer sections, the TTLs lowered by the
+time spent in the cache.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+OPT_TYPE = 41
+MAX_ENTRIES = 200_000
+_TTL = struct.Struct("!I")
+
+
+@dataclass(frozen=True, slots=True)
+class PlainQuery:
+    """What the hot path needs of a query: the lower-cased question (the cache key) and where it ends."""
+
+    question: bytes  # name in wire form, lower-cased, then type and class
+    question_end: int
+    udp_size: int  # 512 without EDNS
+    edns: bool
+    qtype: int
+
+
+def read_plain_query(packet: bytes) -> PlainQuery | None:
+    """The question of an ordinary query, or None when the slow path must look at it."""
+    size = len(packet)
+    if size < 17 or packet[2] & 0xF8 or packet[4:10] != b"\x00\x01\x00\x00\x00\x00":
+        return None  # a response, another opcode, or not exactly one question and no answers
+    additional = packet[10] << 8 | packet[11]
+    index = 12
+    while True:
+        if index >= size:
+            return None
+        length = packet[index]
+        if length == 0:
+            break
+        if length > 63:
+            return None  # a compression pointer or a reserved label type: the slow path decides
+        index += length + 1
+    end = index + 5
+    if end > size:
+        return None
+    # Only the name is lower-cased: type and class bytes may fall in the ASCII letter range.
+    question = bytes(packet[12:index + 1].lower() + packet[index + 1:end])
+    qtype = packet[index + 1] << 8 | packet[index + 2]
+    if additional == 0:
+        return PlainQuery(question, end, 512, False, qtype) if end == size else None
+    if additional != 1 or end + 11 > size or packet[end] != 0 or packet[end + 1:end + 3] != b"\x00\x29":
+        return None
+    udp_size = max(512, min(packet[end + 3] << 8 | packet[end + 4], 4096))
+    return PlainQuery(question, end, udp_size, True, qtype)
+
+
+def ttl_offsets(reply: bytes, question_end: int) -> list[int] | None:
+    """Offsets (from `question_end`) of every TTL in the answer, authority and additional sections, the OPT record
+    aside; None when the reply cannot be walked (then it is not cached)."""
+    try:
+        records = sum(struct.unpack("!HHH", reply[6:12]))
+        offsets = []
+        index = question_end
+        for _ in range(records):
+            while True:  # the owner name: labels, ending with a zero or a pointer
+                length = reply[index]
+                if length == 0:
+                    index += 1
+                    break
+                if length >= 0xC0:
+                    index += 2
+                    break
+                index += length + 1
+            rtype, rdlength = reply[index] << 8 | reply[index + 1], reply[index + 8] << 8 | reply[index + 9]
+            if rtype != OPT_TYPE:
+                offsets.append(index + 4 - question_end)
+            index += 10 + rdlength
+        return offsets if index == len(reply) else None
+    except IndexError:
+        return None
+
+
+@dataclass(slots=True)
+class CachedReply:
+    header: bytes  # reply bytes 2..12: flags and counts
+    tail: bytes  # everything after the question
+    ttl_offsets: list[int]
+    stored_at: float
+    expires_at: float
+    size: int
+    labels: tuple[str, str, str]  # group, action, reason: what the metrics count for a hit
+    aged_tail: bytes = b""
+    aged_seconds: int = 0
+
+
+class ReplyCache:
+    """Finished replies by (view, question, EDNS), where the view is what the decision depended on (rules
+    generation and client group). LRU-bounded; entries expire with their shortest TTL and the decision's validity."""
+
+    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+        self._entries: OrderedDict[tuple[object, bytes, bool], CachedReply] = OrderedDict()
+        self._max = max_entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
+              labels: tuple[str, str, str]) -> None:
+        if lifetime < 1 or len(reply) < query.question_end:
+            return
+        reply = bytes(reply)
+        offsets = ttl_offsets(reply, query.question_end)
+        if offsets is None:
+            return
+        now = time.monotonic()
+        key = (view, query.question, query.edns)
+        self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], offsets, now, now + lifetime,
+                                         len(reply), labels)
+        self._entries.move_to_end(key)
+        if len(self._entries) > self._max:
+            self._entries.popitem(last=False)
+
+    def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply] | None:
+        """The cached reply for this query (ID, RD bit and question case from `packet`), or None."""
+        entry = self._entries.get((view, query.question, query.edns))
+        if entry is None:
+            return None
+        now = time.monotonic()
+        if now >= entry.expires_at:
+            del self._entries[(view, query.question, query.edns)]
+            return None
+        if entry.size > query.udp_size:
+            return None  # the slow path truncates
+        age = int(now - entry.stored_at)
+        tail = entry.tail
+        if age and entry.ttl_offsets:
+            if entry.aged_seconds != age:
+                aged = bytearray(entry.tail)
+                for offset in entry.ttl_offsets:
+                    ttl = _TTL.unpack_from(aged, offset)[0]
+                    _TTL.pack_into(aged, offset, max(0, ttl - age))
+                entry.aged_tail, entry.aged_seconds = bytes(aged), age
+            tail = entry.aged_tail
+        header = entry.header
+        if (header[0] ^ packet[2]) & 0x01:  # echo the client's RD bit
+            header = bytes((header[0] ^ 0x01,)) + header[1:]
+        return packet[:2] + header + packet[12:query.question_end] + tail, entry

@@ -1,0 +1,117 @@
+"""The DNS hot path: reading plain queries from bytes, and replies answered from the reply cache."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+from pathlib import Path
+
+from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
+
+from dns_resolver.fastpath import ReplyCache, read_plain_query, ttl_offsets
+from tests.conftest import free_port, write_tree
+from tests.dns_servers import UpstreamServer, VigieProcess, dig
+
+LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=20)
+NAMES = st.lists(LABEL, min_size=1, max_size=5).map(".".join)
+TYPES = st.sampled_from(["A", "AAAA", "HTTPS", "MX", "TXT", "SVCB", "NS", "PTR"])
+
+
+@given(NAMES, TYPES, st.booleans())
+@example("WwW.ExAmPle.ORG", "HTTPS", False)  # qtype 65 = 'A': only the name may be lower-cased
+def test_a_plain_query_reads_as_dnslib_reads_it(name: str, qtype: str, edns: bool) -> None:
+    record = DNSRecord.question(name, qtype)
+    if edns:
+        record.add_ar(EDNS0(udp_len=1232))
+    packet = record.pack()
+    query = read_plain_query(packet)
+    assert query is not None
+    assert query.qtype == getattr(QTYPE, qtype) and query.edns is edns
+    assert query.udp_size == (1232 if edns else 512)
+    assert query.question == DNSRecord.question(name.lower(), qtype).pack()[12:]
+
+
+@given(st.binary(max_size=80))
+@example(b"\x00\x01\x81\x00\x00\x01\x00\x00\x00\x00\x00\x00\x01a\x00\x00\x01\x00\x01")  # a response: not ours
+@example(b"\x00\x01\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00\xc0\x0c\x00\x01\x00\x01")  # a pointer in the question
+@settings(max_examples=500)
+def test_any_bytes_read_as_a_plain_query_or_none(packet: bytes) -> None:
+    query = read_plain_query(packet)
+    if query is not None:
+        assert 17 <= query.question_end <= len(packet)
+
+
+def reply_for(query: DNSRecord, ttl: int) -> bytes:
+    reply = query.reply()
+    reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A("192.0.2.7"), ttl=ttl))
+    wire: bytes = reply.pack()
+    return wire
+
+
+def test_a_cached_reply_keeps_the_askers_id_and_case_and_ages_its_ttls() -> None:
+    cache = ReplyCache()
+    first = DNSRecord.question("lumni.fr")
+    query = read_plain_query(first.pack())
+    assert query is not None
+    reply = reply_for(first, 300)
+    offsets = ttl_offsets(reply, query.question_end)
+    assert offsets is not None and len(offsets) == 1
+    assert struct.unpack_from("!I", reply, query.question_end + offsets[0])[0] == 300
+    cache.store(("g", 1), query, reply, 300, ("school", "allow", "default"))
+    again = DNSRecord.question("LuMnI.fR")
+    packet = again.pack()
+    asked = read_plain_query(packet)
+    assert asked is not None
+    hit = cache.reply(("g", 1), asked, packet)
+    assert hit is not None
+    answer = DNSRecord.parse(hit[0])
+    assert answer.header.id == again.header.id and str(answer.q.qname) == "LuMnI.fR."
+    assert answer.rr[0].ttl == 300 and str(answer.rr[0].rdata) == "192.0.2.7"
+    assert cache.reply(("other group", 1), asked, packet) is None
+    time.sleep(1.1)
+    aged = cache.reply(("g", 1), asked, packet)
+    assert aged is not None and DNSRecord.parse(aged[0]).rr[0].ttl == 299
+
+
+RULES = """
+timezone: Europe/Paris
+lists:
+  games: {source: games.txt, format: domains}
+categories:
+  games: [games]
+  bypass: [vigie/dns-bypass]
+always_block: [bypass]
+devices:
+  unknown: refuse
+groups:
+  school: {addresses: [127.0.0.1], profile: class}
+  home: {addresses: [127.0.0.3], profile: home}
+profiles:
+  class: {block: [games]}
+  home: {}
+"""
+
+
+def ask_from(source: str, port: int, name: str) -> DNSRecord:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((source, 0))
+        sock.settimeout(2)
+        sock.sendto(DNSRecord.question(name).pack(), ("127.0.0.1", port))
+        return DNSRecord.parse(sock.recv(4096))
+
+
+def test_cached_answers_stay_per_group_and_age(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie:
+        for _ in range(3):  # the first answers are made, the next come from the reply cache
+            assert ask_from("127.0.0.1", vigie.dns_port, "roblox.com").header.rcode == 3  # NXDOMAIN
+            home = ask_from("127.0.0.3", vigie.dns_port, "roblox.com")
+            assert home.header.rcode == 0 and str(home.rr[0].rdata) == "192.0.2.1"
+        assert upstream.asked == ["roblox.com"]
+        first_ttl = int(dig(vigie.dns_port, "lumni.fr").split("ANSWER SECTION:")[1].split()[1])
+        time.sleep(2.1)
+        later_ttl = int(dig(vigie.dns_port, "lumni.fr").split("ANSWER SECTION:")[1].split()[1])
+        assert first_ttl == 300 and 296 <= later_ttl <= 298
