@@ -126,7 +126,7 @@ class DnsFront:
                       snapshot: Snapshot) -> tuple[_Reply, tuple[str, str, str]]:
         question = request.questions[0]
         if client is None:
-            QUERIES.labels("", "refuse", "unknown_client").inc()
+            QUERIES.inc("", "refuse", "unknown_client")
             return _Reply(_rcode_reply(request, RCODE.REFUSED)), ("", "refuse", "unknown_client")
         try:
             name = normalize_domain(str(question.qname))
@@ -136,7 +136,7 @@ class DnsFront:
         now = self.clock()
         decision, cacheable = self._decision(snapshot, client, name, now)
         labels = (client.group, decision.action.value, decision.reason.value)
-        QUERIES.labels(*labels).inc()
+        QUERIES.inc(*labels)
         max_ttl = snapshot.rules.server.dns.max_ttl_seconds
         # An answer never outlives the decision behind it (the next schedule change, an override's end).
         ttl_cap = max_ttl if decision.until is None else \
@@ -298,7 +298,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                 hit = front.replies.reply((snapshot.generation, client.group), query, data)
                 if hit is not None:
                     self.transport.sendto(hit[0], addr)
-                    QUERIES.labels(*hit[1].labels).inc()
+                    QUERIES.inc(*hit[1].labels)
                     DNS_LATENCY.observe(time.perf_counter() - started)
                     return
         task = asyncio.ensure_future(self._reply(data, addr, query))
@@ -355,16 +355,19 @@ async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, write
         writer.close()
 
 
-async def start_dns_servers(front: DnsFront,
-                            listen: tuple[str, ...]) -> list[asyncio.AbstractServer | asyncio.BaseTransport]:
-    """Bind UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown."""
+async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
+                            shared: bool = False) -> list[asyncio.AbstractServer | asyncio.BaseTransport]:
+    """Bind UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown. `shared`: several
+    worker processes bind the same ports (SO_REUSEPORT) and the kernel spreads clients over them."""
     loop = asyncio.get_running_loop()
     servers: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
     for entry in listen:
         host, _, port_text = entry.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
-        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(front), local_addr=(host, port))
+        transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(front), local_addr=(host, port),
+                                                           reuse_port=shared or None)
         servers.append(transport)
-        server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port)
+        server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port,
+                                            reuse_port=shared or None)
         servers.append(server)
     return servers

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import ipaddress
+import os
 import re
 import zoneinfo
 from dataclasses import dataclass
@@ -106,6 +107,16 @@ def parse_size(text: str) -> int:
     if not match:
         raise ValueError("not a size")
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
+
+
+def parse_workers(text: str) -> int:
+    """`2`, or `auto` for one per CPU core."""
+    if text.strip() == "auto":
+        return os.cpu_count() or 1
+    value = int(text)
+    if not 1 <= value <= 64:
+        raise ValueError("not between 1 and 64")
+    return value
 
 
 def parse_fraction(text: str) -> float:
@@ -285,7 +296,7 @@ class _RulesReader:
         )
 
     def _dns(self, field: Field) -> DnsSettings:
-        keys = field.mapping(("listen", "upstreams", "block_answer", "blockpage_address", "max_ttl"))
+        keys = field.mapping(("listen", "upstreams", "block_answer", "blockpage_address", "max_ttl", "workers"))
         defaults = DnsSettings()
         listen = tuple(v for f in keys["listen"].items() if (v := f.converted(parse_listen, "127.0.0.1:53")))\
             if "listen" in keys else defaults.listen
@@ -314,7 +325,9 @@ class _RulesReader:
                 "block_answer: blockpage needs `blockpage_address` (the proxy's address, example: [10.0.0.5])")
         max_ttl = keys["max_ttl"].converted(lambda t: parse_duration_minutes(t) * 60, "1h") if "max_ttl" in keys \
             else None
-        return DnsSettings(listen, upstreams, answer, ipv4, ipv6, max_ttl or defaults.max_ttl_seconds)
+        workers = keys["workers"].converted(parse_workers, "2") if "workers" in keys else None
+        return DnsSettings(listen, upstreams, answer, ipv4, ipv6, max_ttl or defaults.max_ttl_seconds,
+                           workers or defaults.workers)
 
     def _lists(self, field: Field | None) -> tuple[ListSource, ...]:
         sources = [ListSource(BUNDLED_SOURCE, "(bundled)", ListFormat.DOMAINS,

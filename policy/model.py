@@ -168,6 +168,7 @@ class DnsSettings:
     blockpage_ipv4: str | None = None
     blockpage_ipv6: str | None = None
     max_ttl_seconds: int = 3600
+    workers: int = 1  # processes sharing the DNS port (SO_REUSEPORT); production: one per core
 
 
 @dataclass(frozen=True)

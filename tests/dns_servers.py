@@ -56,12 +56,13 @@ class UpstreamServer:
 class VigieProcess:
     """`vigie dns` as an admin runs it, on free loopback ports; stopped with SIGTERM."""
 
-    def __init__(self, rules: Path, dns_port: int, upstream_port: int, metrics_port: int | None = None) -> None:
+    def __init__(self, rules: Path, dns_port: int, upstream_port: int, metrics_port: int | None = None,
+                 *extra: str) -> None:
         self.dns_port = dns_port
         self.metrics_port = metrics_port
         command = [sys.executable, "-m", "vigie", "dns", "--rules", str(rules),
                    "--dns-listen", f"127.0.0.1:{dns_port}", "--upstream", f"127.0.0.1:{upstream_port}",
-                   "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off"]
+                   "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off", *extra]
         self.log = rules.parent / "vigie.log"
         self._log_file = self.log.open("w")
         self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT,

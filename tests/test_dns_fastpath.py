@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import subprocess
 import time
 from pathlib import Path
 
@@ -115,3 +116,21 @@ def test_cached_answers_stay_per_group_and_age(tmp_path: Path) -> None:
         time.sleep(2.1)
         later_ttl = int(dig(vigie.dns_port, "lumni.fr").split("ANSWER SECTION:")[1].split()[1])
         assert first_ttl == 300 and 296 <= later_ttl <= 298
+
+
+def test_workers_share_the_port_reload_together_and_stop_together(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, None, "--workers", "2") as vigie:
+        assert "UDP+TCP, 2 worker(s)" in vigie.output()
+        workers = subprocess.run(["pgrep", "-P", str(vigie.process.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 1
+        # Many sockets, many source ports: the kernel spreads them over both processes; all must answer alike.
+        assert {ask_from("127.0.0.1", vigie.dns_port, "minecraft.net").header.rcode for _ in range(40)} == {0}
+        rules.write_text(rules.read_text().replace("class: {block: [games]}",
+                                                   "class: {block: [games], deny: [minecraft.net]}"))
+        deadline = time.monotonic() + 10
+        while {ask_from("127.0.0.1", vigie.dns_port, "minecraft.net").header.rcode for _ in range(40)} != {3}:
+            assert time.monotonic() < deadline, vigie.output()
+            time.sleep(0.3)
+    assert vigie.process.returncode == 0
+    assert subprocess.run(["ps", "-p", workers[0]], capture_output=True).returncode != 0, "the worker stopped too"

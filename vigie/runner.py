@@ -1,8 +1,10 @@
-"""`vigie run` / `vigie dns`: start the fronts on one shared snapshot, and reload it when the files change.
+"""`vigie run` / `vigie dns` / `vigie proxy`: start the fronts on one shared snapshot, reload it when the files
+change, refresh the downloaded lists on schedule.
 
 A reload builds the new snapshot in a worker thread beside the old one, then swaps one reference: queries keep
 being answered throughout, and an invalid edit leaves the old rules serving (logged, and counted in
-`vigie_rules_reloads_total{result="invalid"}`).
+`vigie_rules_reloads_total{result="invalid"}`). With `dns.workers` > 1, extra processes share the DNS ports; each
+reloads by itself, and the main one also runs the proxy and the list updates.
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from pathlib import Path
 
+import uvloop
 from prometheus_client import start_http_server
 
 from blocklists.errors import VigieError
@@ -29,7 +33,7 @@ from filter_proxy.addon import VigieAddon
 from filter_proxy.ca import ensure_ca
 from filter_proxy.server import start_proxy
 from policy.errors import ConfigError
-from policy.loader import load_rules, parse_listen
+from policy.loader import load_rules, parse_listen, parse_workers
 from policy.metrics import LIST_DOMAINS, LIST_LAST_SUCCESS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
 from policy.model import DnsSettings, ServerSettings
 from policy.snapshot import ListCache, Snapshot
@@ -115,6 +119,7 @@ def add_run_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
             command.add_argument("--dns-listen", action="append", help="address:port (overrides server.dns.listen)")
             command.add_argument("--upstream", action="append",
                                  help="address:port (overrides server.dns.upstreams)")
+            command.add_argument("--workers", help="DNS worker processes, or `auto` (overrides server.dns.workers)")
         if "proxy" in fronts:
             command.add_argument("--proxy-listen", help="address:port (overrides server.proxy.listen)")
             command.add_argument("--proxy-mode", choices=("regular", "transparent"),
@@ -137,6 +142,7 @@ class Fronts:
     proxy_mode: str
     proxy_options: tuple[str, ...]
     metrics_listen: str | None
+    worker: int = 0  # 0: the main process (proxy, list updates); 1..n-1: extra DNS workers
 
 
 def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
@@ -148,13 +154,16 @@ def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
                 dns = dataclasses.replace(dns, listen=tuple(parse_listen(v) for v in args.dns_listen))
             if args.upstream:
                 dns = dataclasses.replace(dns, upstreams=tuple(parse_listen(v) for v in args.upstream))
+            if args.workers:
+                dns = dataclasses.replace(dns, workers=parse_workers(args.workers))
         proxy_listen = None
         if "proxy" in args.fronts:
             proxy_listen = parse_listen(args.proxy_listen) if args.proxy_listen else settings.proxy_listen
         metrics_listen = None if args.metrics_listen == "off" else \
             parse_listen(args.metrics_listen) if args.metrics_listen else settings.metrics_listen
     except ValueError as exc:
-        raise VigieError(f"bad address on the command line: {exc} (example: 127.0.0.1:5353)") from None
+        raise VigieError(f"bad value on the command line: {exc} (example: --dns-listen 127.0.0.1:5353, "
+                         "--workers 2)") from None
     return Fronts(dns, proxy_listen, getattr(args, "proxy_mode", None) or settings.proxy_mode,
                   tuple(getattr(args, "set", ())), metrics_listen)
 
@@ -168,7 +177,43 @@ def run_services(args: argparse.Namespace) -> int:
         print(f"{args.rules}: cannot start (run `vigie check {args.rules}`)", file=sys.stderr)
         return 1
     # Listening addresses are read once at start: changing them needs a restart (said in the README).
-    return asyncio.run(_serve(holder, _fronts(args, holder.snapshot.rules.server)))
+    fronts = _fronts(args, holder.snapshot.rules.server)
+    workers = _start_dns_workers(holder, fronts) if fronts.dns and fronts.dns.workers > 1 else []
+    try:
+        return uvloop.run(_serve(holder, fronts, workers))
+    finally:
+        _stop_workers(workers)
+
+
+def _start_dns_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
+    """Fork the extra DNS workers. Each shares the DNS ports (SO_REUSEPORT) and the compiled lists (memory-mapped),
+    watches the files itself, and serves its own metrics on the next ports (9108, 9109, ...)."""
+    assert fronts.dns is not None
+    children = []
+    for worker in range(1, fronts.dns.workers):
+        pid = os.fork()
+        if pid == 0:  # the worker: DNS only, until SIGTERM
+            metrics = None
+            if fronts.metrics_listen:
+                host, _, port = fronts.metrics_listen.rpartition(":")
+                metrics = f"{host}:{int(port) + worker}"
+            code = 1
+            try:
+                code = uvloop.run(_serve(holder, dataclasses.replace(
+                    fronts, proxy_listen=None, metrics_listen=metrics, worker=worker), []))
+            finally:
+                os._exit(code)
+        children.append(pid)
+    return children
+
+
+def _stop_workers(workers: list[int]) -> None:
+    for pid in workers:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for pid in workers:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
 
 
 def run_ca(args: argparse.Namespace) -> int:
@@ -181,7 +226,7 @@ def run_ca(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(holder: SnapshotHolder, fronts: Fronts) -> int:
+async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> int:
     loop = asyncio.get_running_loop()
     state: StateView = EMPTY_STATE
     listening: list[str] = []
@@ -189,9 +234,9 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts) -> int:
     proxy = None
     if fronts.dns is not None:
         front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(fronts.dns.upstreams))
-        dns_servers = await start_dns_servers(front, fronts.dns.listen)
-        listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP), upstreams "
-                         f"{', '.join(fronts.dns.upstreams)}")
+        dns_servers = await start_dns_servers(front, fronts.dns.listen, shared=fronts.dns.workers > 1)
+        listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
+                         f"upstreams {', '.join(fronts.dns.upstreams)}")
     if fronts.proxy_listen is not None:
         settings = holder.snapshot.rules.server
         ca = ensure_ca(Path(settings.data_dir))
@@ -206,15 +251,27 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts) -> int:
     stop = asyncio.Event()
     reload_now = asyncio.Event()
     update_now = asyncio.Event()
+
+    def forward_reload() -> None:
+        reload_now.set()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGHUP)
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload_now.set)
-    loop.add_signal_handler(signal.SIGUSR1, update_now.set)
-    snapshot = holder.snapshot
-    print(f"vigie: {'; '.join(listening)}; metrics {metrics}; rules {snapshot.rules.source} "
-          f"({len(snapshot.rules.groups)} groups, {len(snapshot.lists.domains)} listed domains); "
-          "reload: edit the files or send SIGHUP; update the lists: SIGUSR1", flush=True)
-    tasks = [asyncio.create_task(_watch(holder, reload_now)), asyncio.create_task(_refresh_lists(holder, update_now))]
+    loop.add_signal_handler(signal.SIGHUP, forward_reload)
+    tasks = [asyncio.create_task(_watch(holder, reload_now))]
+    started_workers = len(workers)
+    if workers:
+        tasks.append(asyncio.create_task(_watch_workers(workers, stop)))
+    if fronts.worker == 0:  # one process updates the lists; the workers see the files change
+        loop.add_signal_handler(signal.SIGUSR1, update_now.set)
+        tasks.append(asyncio.create_task(_refresh_lists(holder, update_now)))
+        snapshot = holder.snapshot
+        print(f"vigie: {'; '.join(listening)}; metrics {metrics}; rules {snapshot.rules.source} "
+              f"({len(snapshot.rules.groups)} groups, {len(snapshot.lists.domains)} listed domains); "
+              "reload: edit the files or send SIGHUP; update the lists: SIGUSR1", flush=True)
     await stop.wait()
     for task in tasks:
         task.cancel()
@@ -222,8 +279,25 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts) -> int:
         item.close()
     if proxy is not None:
         await proxy.stop()
+    if len(workers) < started_workers:
+        return 1
     log.info("stopped")
     return 0
+
+
+async def _watch_workers(workers: list[int], stop: asyncio.Event) -> None:
+    """A worker that dies takes the service down with it (exit status 1): the supervisor (systemd) restarts the
+    whole, rather than a server silently running on fewer cores."""
+    while not stop.is_set():
+        await asyncio.sleep(WATCH_INTERVAL_SECONDS)
+        for pid in workers:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                log.error("DNS worker %d exited (status %d); stopping the service so that it is restarted whole",
+                          pid, status)
+                workers.remove(pid)
+                stop.set()
+                return
 
 
 async def _watch(holder: SnapshotHolder, reload_now: asyncio.Event) -> None:
