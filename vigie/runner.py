@@ -29,9 +29,6 @@ from blocklists.sources import SourceSpec
 from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
 from dns_resolver.server import DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
-from filter_proxy.addon import VigieAddon
-from filter_proxy.ca import ensure_ca
-from filter_proxy.server import start_proxy
 from policy.errors import ConfigError
 from policy.loader import load_rules, parse_listen, parse_workers
 from policy.metrics import LIST_DOMAINS, LIST_LAST_SUCCESS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
@@ -217,6 +214,8 @@ def _stop_workers(workers: list[int]) -> None:
 
 
 def run_ca(args: argparse.Namespace) -> int:
+    from filter_proxy.ca import ensure_ca
+
     rules = load_rules(args.rules).rules
     files = ensure_ca(Path(rules.server.data_dir))
     print(f"{'created' if files.created else 'existing'} certificate authority, key in {files.confdir} "
@@ -238,7 +237,13 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
                          f"upstreams {', '.join(fronts.dns.upstreams)}")
     if fronts.proxy_listen is not None:
+        # Imported here: mitmproxy weighs ~60 MB, which a DNS-only worker does not carry.
+        from filter_proxy.addon import VigieAddon
+        from filter_proxy.server import start_proxy
+
         settings = holder.snapshot.rules.server
+        from filter_proxy.ca import ensure_ca
+
         ca = ensure_ca(Path(settings.data_dir))
         addon = VigieAddon(lambda: holder.snapshot, lambda: state, block_page_for_https=settings.https_block_page)
         proxy = await start_proxy(addon, fronts.proxy_listen, fronts.proxy_mode, ca.confdir, fronts.proxy_options)

@@ -1,0 +1,266 @@
+"""Vigie's DNS resolver against unbound, same machine, same list, same queries, one run.
+
+    .venv/bin/python benchmarks/dns_vs_unbound.py [--seconds 10] [--steady-seconds 30]
+
+Installs dnsperf and unbound with apt-get when missing. A loopback unbound answers every `*.example` name (the
+upstream of both). Under test: unbound with 1 and 2 threads, every UT1 domain of ../shared/data as an
+`always_nxdomain` local zone, forwarding the rest; Vigie with 1 and 2 workers blocking every UT1 category. Three
+query files: cached allowed names; blocked names (half with `www.`); mixed (80 % repeated allowed, 15 % blocked,
+5 % never seen). For each: qps, average latency and lost queries (dnsperf), peak RSS of all processes, and start-up
+time to the first answer (Vigie with its compiled lists already on disk). Then Vigie at a steady 20,000 qps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from blocklists.names import is_plain_name  # noqa: E402
+from blocklists.ut1 import read_ut1  # noqa: E402
+from tests.conftest import free_port  # noqa: E402
+
+ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
+DNSPERF = ["-c", "8", "-T", "2", "-q", "500"]
+
+
+@dataclass
+class Figures:
+    qps: float
+    latency_ms: float
+    lost: int
+    sent: int
+
+
+def ensure_tools() -> None:
+    missing = [package for tool, package in (("dnsperf", "dnsperf"), ("unbound", "unbound")) if not shutil.which(tool)]
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True,
+                       env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+
+
+def ask(port: int, name: str = "probe.example") -> bool:
+    """One A query over UDP; whether any answer came back within 0.2 s."""
+    query = os.urandom(2) + b"\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
+    query += b"".join(bytes([len(p)]) + p.encode() for p in name.split(".")) + b"\x00\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.2)
+        sock.sendto(query, ("127.0.0.1", port))
+        try:
+            return sock.recv(4096)[:2] == query[:2]
+        except TimeoutError:
+            return False
+
+
+def start(command: list[str], port: int, log: Path, cwd: Path) -> tuple[subprocess.Popen[bytes], float]:
+    """Start a server; returns it and the seconds until it answered a first query."""
+    started = time.monotonic()
+    with open(log, "a") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+    while not ask(port):
+        if process.poll() is not None or time.monotonic() - started > 120:
+            raise SystemExit(f"{command[0]} did not start:\n{log.read_text()[-2000:]}")
+    return process, time.monotonic() - started
+
+
+def memory_mb(process: subprocess.Popen[bytes]) -> tuple[float, float]:
+    """(sum of peak RSS, sum of PSS now) over the process and its children (Vigie's workers), in MB. Forked workers
+    and memory-mapped lists share pages, which every RSS counts in full and PSS divides among the sharers."""
+    children = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
+    peak = proportional = 0
+    for pid in [str(process.pid), *children]:
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        for text, pattern in ((status, r"VmHWM:\s+(\d+) kB"), (rollup, r"\nPss:\s+(\d+) kB")):
+            match = re.search(pattern, text)
+            value = int(match.group(1)) if match else 0
+            if pattern.startswith("VmHWM"):
+                peak += value
+            else:
+                proportional += value
+    return peak / 1024, proportional / 1024
+
+
+def dnsperf(port: int, queries: Path, seconds: float, rate: int | None = None) -> Figures:
+    command = ["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(queries), "-l", str(seconds), *DNSPERF]
+    if rate:
+        command += ["-Q", str(rate)]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=seconds + 60).stdout
+
+    def number(pattern: str) -> float:
+        match = re.search(pattern, out)
+        if not match:
+            raise SystemExit(f"unexpected dnsperf output:\n{out}")
+        return float(match.group(1))
+
+    return Figures(number(r"Queries per second:\s+([\d.]+)"), number(r"Average Latency \(s\):\s+([\d.]+)") * 1000,
+                   int(number(r"Queries lost:\s+(\d+)")), int(number(r"Queries sent:\s+(\d+)")))
+
+
+def write_files(workdir: Path) -> tuple[list[str], dict[str, Path]]:
+    collection = read_ut1(ARCHIVE)
+    blocked = sorted({name for parsed in collection.categories.values() for name in parsed.domains
+                      if is_plain_name(name) and "_" not in name})
+    rng = random.Random(3)
+    allowed = [f"site{i}.example" for i in range(1000)]
+    sample = rng.sample(blocked, 1000)
+    blocked_queries = [("www." + name if index % 2 else name) for index, name in enumerate(sample)]
+    mixed = []
+    for index in range(200_000):
+        roll = rng.random()
+        if roll < 0.80:
+            mixed.append(rng.choice(allowed))
+        elif roll < 0.95:
+            mixed.append(rng.choice(blocked_queries))
+        else:
+            mixed.append(f"new{index}.example")
+    files = {"cached": allowed, "blocked": blocked_queries, "mixed": mixed}
+    paths = {}
+    for label, names in files.items():
+        paths[label] = workdir / f"{label}.txt"
+        paths[label].write_text("".join(f"{name} A\n" for name in names))
+    return blocked, paths
+
+
+UPSTREAM_CONF = """server:
+  interface: 127.0.0.1@{port}
+  num-threads: 1
+  do-daemonize: no
+  use-syslog: no
+  logfile: ""
+  username: ""
+  chroot: ""
+  directory: "{dir}"
+  pidfile: ""
+  access-control: 127.0.0.0/8 allow
+  local-zone: "example." redirect
+  local-data: "example. 300 IN A 192.0.2.1"
+"""
+UNBOUND_CONF = """server:
+  interface: 127.0.0.1@{port}
+  num-threads: {threads}
+  so-reuseport: yes
+  do-daemonize: no
+  use-syslog: no
+  logfile: ""
+  username: ""
+  chroot: ""
+  directory: "{dir}"
+  pidfile: ""
+  access-control: 127.0.0.0/8 allow
+  do-not-query-localhost: no
+  qname-minimisation: no
+  module-config: "iterator"
+  include: "{dir}/blocked.conf"
+forward-zone:
+  name: "."
+  forward-addr: 127.0.0.1@{upstream}
+"""
+RULES = """
+lists:
+  ut1: {{source: {archive}, format: ut1}}
+categories:
+  everything: [{categories}]
+groups:
+  bench: {{networks: [127.0.0.0/8], profile: strict}}
+profiles:
+  strict: {{block: [everything], safe_search: "off"}}
+"""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--steady-seconds", type=float, default=30)
+    arguments = parser.parse_args()
+    ensure_tools()
+    results: dict[str, dict[str, Figures]] = {}
+    rss: dict[str, tuple[float, float]] = {}
+    startup: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="vigie-dns-bench-") as temp:
+        workdir = Path(temp)
+        blocked, files = write_files(workdir)
+        (workdir / "blocked.conf").write_text("".join(f'local-zone: "{name}." always_nxdomain\n' for name in blocked))
+        upstream_port = free_port()
+        (workdir / "upstream.conf").write_text(UPSTREAM_CONF.format(port=upstream_port, dir=workdir))
+        upstream, _ = start(["unbound", "-d", "-c", str(workdir / "upstream.conf")], upstream_port,
+                            workdir / "upstream.log", workdir)
+        categories = ", ".join(f"ut1/{name}" for name in sorted(read_ut1(ARCHIVE).categories))
+        (workdir / "rules.yaml").write_text(RULES.format(archive=ARCHIVE, categories=categories))
+        # Compile the lists once, as `vigie lists update` or a first start would; the measured starts reuse them.
+        subprocess.run([sys.executable, "-m", "vigie", "check", str(workdir / "rules.yaml")], check=True,
+                       capture_output=True, cwd=REPO)
+        servers = {
+            "unbound 1 thread": (["unbound", "-d", "-c", str(workdir / "unbound1.conf")], 1),
+            "unbound 2 threads": (["unbound", "-d", "-c", str(workdir / "unbound2.conf")], 2),
+            "Vigie 1 worker": ([sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"),
+                                "--workers", "1"], 1),
+            "Vigie 2 workers": ([sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"),
+                                 "--workers", "2"], 2),
+        }
+        steady: Figures | None = None
+        try:
+            for label, (command, threads) in servers.items():
+                port = free_port()
+                if label.startswith("unbound"):
+                    (workdir / f"unbound{threads}.conf").write_text(UNBOUND_CONF.format(
+                        port=port, threads=threads, dir=workdir, upstream=upstream_port))
+                else:
+                    command = [*command, "--dns-listen", f"127.0.0.1:{port}", "--upstream",
+                               f"127.0.0.1:{upstream_port}", "--metrics-listen", "off"]
+                process, startup[label] = start(command, port, workdir / "servers.log", REPO)
+                try:
+                    results[label] = {}
+                    for kind, path in files.items():
+                        dnsperf(port, path, 2)  # warm-up: the cache holds what a running server would
+                        results[label][kind] = dnsperf(port, path, arguments.seconds)
+                    if label == "Vigie 2 workers":
+                        steady = dnsperf(port, files["mixed"], arguments.steady_seconds, rate=20_000)
+                    rss[label] = memory_mb(process)
+                finally:
+                    process.terminate()
+                    process.wait(15)
+                print(f"  measured {label}", file=sys.stderr, flush=True)
+        finally:
+            upstream.terminate()
+            upstream.wait(15)
+    print(f"{len(blocked):,} UT1 domains; dnsperf {' '.join(DNSPERF)}; {arguments.seconds:g} s per file after a "
+          "2 s warm-up\n")
+    header = f"{'':20}" + "".join(f"{kind + ' qps':>13}{'ms':>7}{'lost':>6}" for kind in files) + \
+        f"{'peak RSS':>9}{'PSS MB':>8}{'start s':>9}"
+    print(header)
+    for label, figures in results.items():
+        cells = "".join(f"{f.qps:>13,.0f}{f.latency_ms:>7.2f}{f.lost:>6}" for f in figures.values())
+        print(f"{label:20}{cells}{rss[label][0]:>9.0f}{rss[label][1]:>8.0f}{startup[label]:>9.2f}")
+    print()
+    for threads in (1, 2):
+        vigie = results[f"Vigie {threads} worker{'s' if threads > 1 else ''}"]
+        unbound = results[f"unbound {threads} thread{'s' if threads > 1 else ''}"]
+        ratios = "  ".join(f"{kind} {vigie[kind].qps / unbound[kind].qps:.2f}" for kind in files)
+        print(f"Vigie/unbound, {threads} core(s): {ratios}   (targets: mixed ≥ 0.8, cached and blocked ≥ 0.6)")
+    vigie_memory, unbound_memory = rss["Vigie 2 workers"], rss["unbound 2 threads"]
+    print(f"memory Vigie 2 workers / unbound 2 threads: peak RSS summed {vigie_memory[0] / unbound_memory[0]:.2f}, "
+          f"PSS {vigie_memory[1] / unbound_memory[1]:.2f}   (target ≤ 0.5)")
+    if steady is not None:
+        print(f"Vigie 2 workers at a steady 20,000 qps for {arguments.steady_seconds:g} s (mixed): "
+              f"{steady.sent:,} sent, {steady.lost} lost, average latency {steady.latency_ms:.3f} ms   "
+              "(target: none lost, ≤ 1 ms)")
+
+
+if __name__ == "__main__":
+    main()
