@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import struct
 import time
 from collections import OrderedDict
@@ -23,6 +24,7 @@ from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOptio
 from blocklists.errors import NameRejected
 from blocklists.names import normalize_domain
 from dns_resolver.fastpath import PlainQuery, ReplyCache, read_plain_query
+from dns_resolver.forwarding import OUR_OPT, Forwarder, UpstreamAnswer
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
@@ -38,8 +40,8 @@ EDE_OPTION = 15
 EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
 MAX_DECISION_CACHE = 100_000
-MAX_ANSWER_CACHE = 50_000
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
+_HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}")
 
 
 def formerr_for(packet: bytes) -> bytes | None:
@@ -78,7 +80,7 @@ class DnsFront:
         self.upstreams = upstreams
         self.clock = clock
         self._decisions: OrderedDict[tuple[int, str, str | None, str], Decision] = OrderedDict()
-        self._answers: OrderedDict[tuple[str, int, int], tuple[float, DNSRecord]] = OrderedDict()
+        self.forwarder = Forwarder(upstreams)
         self._clients: dict[str, tuple[int, Client | None]] = {}
         self.replies = ReplyCache()
 
@@ -137,10 +139,7 @@ class DnsFront:
         decision, cacheable = self._decision(snapshot, client, name, now)
         labels = (client.group, decision.action.value, decision.reason.value)
         QUERIES.inc(*labels)
-        max_ttl = snapshot.rules.server.dns.max_ttl_seconds
-        # An answer never outlives the decision behind it (the next schedule change, an override's end).
-        ttl_cap = max_ttl if decision.until is None else \
-            max(0, min(max_ttl, int((decision.until - now).total_seconds())))
+        ttl_cap = self._ttl_cap(decision, snapshot, now)
         if decision.action is Action.BLOCK:
             ttl = min(ttl_cap, BLOCK_TTL)
             reply = _Reply(self._block_reply(request, decision, snapshot, ttl), ttl)
@@ -196,8 +195,7 @@ class DnsFront:
         ttl = min(ttl_cap, 300)
         reply.add_answer(RR(question.qname, QTYPE.CNAME, rdata=CNAME(target + "."), ttl=ttl))
         if question.qtype in (QTYPE.A, QTYPE.AAAA):
-            target_answer = await self._cached_or_forwarded(DNSRecord.question(target, QTYPE[question.qtype]),
-                                                            snapshot)
+            target_answer, _ = await self._upstream(target, question.qtype)
             if target_answer.header.rcode != RCODE.NOERROR:
                 return _Reply(_with_edns(request, reply))
             for rr in target_answer.rr:
@@ -207,7 +205,7 @@ class DnsFront:
         return _Reply(_with_edns(request, reply), _min_ttl(reply))
 
     async def _forward(self, request: DNSRecord, ttl_cap: int) -> _Reply:
-        upstream_answer = await self._cached_or_forwarded(request, None)
+        upstream_answer, lifetime = await self._upstream(str(request.q.qname), request.q.qtype)
         if upstream_answer.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
             failed = _rcode_reply(request, upstream_answer.header.rcode)
             failed.header.ra = 1
@@ -223,35 +221,116 @@ class DnsFront:
             if rr.rtype != QTYPE.OPT:
                 rr.ttl = min(rr.ttl, ttl_cap)
                 reply.add_ar(rr)
-        return _Reply(_with_edns(request, reply), min(_min_ttl(reply), ttl_cap) if reply.rr or reply.auth else 0)
+        return _Reply(_with_edns(request, reply), min(lifetime, ttl_cap) if reply.rr or reply.auth else 0)
 
-    async def _cached_or_forwarded(self, request: DNSRecord, snapshot: Snapshot | None) -> DNSRecord:
-        question = request.questions[0]
-        key = (str(question.qname).lower(), question.qtype, question.qclass)
-        now = time.monotonic()
-        cached = self._answers.get(key)
-        if cached is not None and cached[0] > now:
-            answer = DNSRecord.parse(cached[1].pack())
-            elapsed = int(now - (cached[0] - _min_ttl(cached[1])))
-            for rr in (*answer.rr, *answer.auth):
-                rr.ttl = max(0, rr.ttl - elapsed)
-            return answer
+    async def _upstream(self, name: str, qtype: int) -> tuple[DNSRecord, float]:
+        """The upstream answer for (name, type) and how long it stays valid; SERVFAIL when no upstream answers
+        and nothing is cached, not even stale."""
         try:
-            forwarded = DNSRecord.question(str(question.qname), QTYPE[question.qtype])
-            forwarded.header.rd = 1
-            answer = await self.upstreams.resolve(forwarded)
+            answer = await self.forwarder.answer(question_bytes(name, qtype))
         except UpstreamFailure:
             DNS_ERRORS.labels("upstream").inc()
-            failed = request.reply()
+            failed = DNSRecord.question(name, QTYPE[qtype]).reply()
             failed.header.rcode = RCODE.SERVFAIL
-            return failed
-        if answer.header.rcode in (RCODE.NOERROR, RCODE.NXDOMAIN):
-            lifetime = _min_ttl(answer)
-            if lifetime > 0:
-                self._answers[key] = (now + lifetime, answer)
-                if len(self._answers) > MAX_ANSWER_CACHE:
-                    self._answers.popitem(last=False)
-        return DNSRecord.parse(answer.pack())
+            return failed, 0.0
+        return DNSRecord.parse(answer.wire), answer.lifetime
+
+    async def handle_plain(self, packet: bytes, query: PlainQuery, client_address: str) -> Answered | None:
+        """The forwarding path in bytes, for a plain query whose name is allowed; None sends it the dnslib way
+        (blocks, rewrites, anything unusual)."""
+        started = time.perf_counter()
+        snapshot = self.current_snapshot()
+        client = self.client_of(client_address, snapshot)
+        name = _plain_name(query.question)
+        if client is None or name is None:
+            return None
+        now = self.clock()
+        decision, cacheable = self._decision(snapshot, client, name, now)
+        if decision.action is not Action.ALLOW:
+            return None
+        labels = (client.group, decision.action.value, decision.reason.value)
+        QUERIES.inc(*labels)
+        ttl_cap = self._ttl_cap(decision, snapshot, now)
+        try:
+            upstream = await self.forwarder.answer(query.question)
+        except UpstreamFailure:
+            DNS_ERRORS.labels("upstream").inc()
+            return Answered(_servfail(packet, query))
+        if upstream.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
+            return Answered(_servfail(packet, query))
+        reply = client_reply(packet, query, upstream, ttl_cap)
+        DNS_LATENCY.observe(time.perf_counter() - started)
+        lifetime = min(upstream.lifetime, ttl_cap) if cacheable and upstream.offsets else 0.0
+        return Answered(reply, lifetime, labels, (snapshot.generation, client.group))
+
+    @staticmethod
+    def _ttl_cap(decision: Decision, snapshot: Snapshot, now: datetime) -> int:
+        """An answer never outlives the decision behind it (the next schedule change, an override's end)."""
+        max_ttl = snapshot.rules.server.dns.max_ttl_seconds
+        if decision.until is None:
+            return max_ttl
+        return max(0, min(max_ttl, int((decision.until - now).total_seconds())))
+
+
+def question_bytes(name: str, qtype: int) -> bytes:
+    """The question section for (name, type, class IN), lower-cased, as the forwarder keys it."""
+    labels = b"".join(bytes((len(label),)) + label.encode("ascii") for label in name.lower().split(".") if label)
+    return labels + b"\x00" + struct.pack("!HH", qtype, 1)
+
+
+def _plain_name(question: bytes) -> str | None:
+    """`\x03www\x07example\x02fr\x00...` → `www.example.fr`, or None when a label is not a plain host label."""
+    labels, index = [], 0
+    while question[index]:
+        label = question[index + 1:index + 1 + question[index]]
+        if not _HOST_LABEL.fullmatch(label):
+            return None
+        labels.append(label.decode("ascii"))
+        index += question[index] + 1
+    return ".".join(labels) or None
+
+
+def client_reply(packet: bytes, query: PlainQuery, upstream: UpstreamAnswer, ttl_cap: int) -> bytes:
+    """The upstream answer made the client's: its ID, RD bit and question case, TTLs capped, our EDNS record
+    only if the client sent one (the upstream's own OPT never passes)."""
+    wire = upstream.wire
+    capped = bytearray(wire)
+    for offset in upstream.offsets:
+        position = upstream.question_end + offset
+        if struct.unpack_from("!I", capped, position)[0] > ttl_cap:
+            struct.pack_into("!I", capped, position, ttl_cap)
+    records, additional = without_opt(bytes(capped), upstream.question_end)
+    if query.edns:
+        records += OUR_OPT
+        additional += 1
+    flags = ((wire[2] & 0xFE) | (packet[2] & 0x01), wire[3] | 0x80)  # the client's RD; RA set
+    return (packet[:2] + bytes(flags) + packet[4:6] + wire[6:10] + struct.pack("!H", additional)
+            + packet[12:query.question_end] + records)
+
+
+def without_opt(wire: bytes, start: int) -> tuple[bytes, int]:
+    """The records after the question without any OPT record, and the additional count left."""
+    answers, authority, additional = struct.unpack("!HHH", wire[6:12])
+    kept, index, removed = [], start, 0
+    for number in range(answers + authority + additional):
+        begin = index
+        while wire[index] and wire[index] < 0xC0:
+            index += wire[index] + 1
+        index += 2 if wire[index] >= 0xC0 else 1
+        rtype = wire[index] << 8 | wire[index + 1]
+        index += 10 + (wire[index + 8] << 8 | wire[index + 9])
+        if rtype == 41 and number >= answers + authority:
+            removed += 1
+        else:
+            kept.append(wire[begin:index])
+    return b"".join(kept), additional - removed
+
+
+def _servfail(packet: bytes, query: PlainQuery) -> bytes:
+    flags = bytes((0x80 | (packet[2] & 0x01), 0x80 | RCODE.SERVFAIL))
+    additional = b"\x00\x01" if query.edns else b"\x00\x00"
+    return packet[:2] + flags + b"\x00\x01\x00\x00\x00\x00" + additional + packet[12:query.question_end] + \
+        (OUR_OPT if query.edns else b"")
 
 
 def _raw(wire: bytes | None) -> Answered | None:
@@ -306,7 +385,14 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         task.add_done_callback(self.tasks.discard)
 
     async def _reply(self, data: bytes, addr: tuple[str, int], query: PlainQuery | None) -> None:
-        answered = await self.front.handle(data, addr[0])
+        answered = None
+        if query is not None:
+            try:
+                answered = await self.front.handle_plain(data, query, addr[0])
+            except Exception:  # the dnslib path below answers, or says SERVFAIL and logs why
+                log.debug("plain path failed; falling back", exc_info=True)
+        if answered is None:
+            answered = await self.front.handle(data, addr[0])
         if answered is None or self.transport is None:
             return
         answer = answered.wire

@@ -84,9 +84,13 @@ class UpstreamPool:
 
     async def resolve(self, request: DNSRecord) -> DNSRecord:
         """Forward `request` (its ID is replaced) and return the parsed answer. Raises UpstreamFailure."""
-        query = request.pack()
+        query = bytes(request.pack())
         question = query[12:]
-        question = question[: _question_length(question)]
+        return DNSRecord.parse(await self.resolve_wire(query, question[: _question_length(question)]))
+
+    async def resolve_wire(self, query: bytes, question: bytes) -> bytes:
+        """Send `query` (any ID: each try gets a random one) to the healthy upstreams in turn; the first answer
+        whose ID and question match and whose code is not SERVFAIL or REFUSED wins. Raises UpstreamFailure."""
         for upstream in self._order():
             query_id = secrets.randbelow(65536)
             wire = struct.pack("!H", query_id) + query[2:]
@@ -94,14 +98,17 @@ class UpstreamPool:
                 answer = await self._udp(upstream, wire, query_id, question)
                 if answer[2] & 0x02:  # TC: the full answer needs TCP
                     answer = await self._tcp(upstream, wire)
-                record = DNSRecord.parse(answer)
+                    if answer[:2] != wire[:2] or answer[12:12 + len(question)].lower() != question.lower():
+                        raise UpstreamFailure("TCP answer for another question")
+                if answer[3] & 0x0F in (2, 5):  # SERVFAIL, REFUSED: this upstream cannot help now
+                    raise UpstreamFailure(f"rcode {answer[3] & 0x0F}")
             except Exception as exc:  # the I/O boundary: any failure of this upstream means "try the next"
                 upstream.failed()
                 UPSTREAM_FAILURES.labels(upstream.label).inc()
                 log.debug("upstream %s failed: %r", upstream.label, exc)
                 continue
             upstream.succeeded()
-            return record
+            return answer
         raise UpstreamFailure("no upstream answered")
 
     async def _udp(self, upstream: Upstream, wire: bytes, query_id: int, question: bytes) -> bytes:

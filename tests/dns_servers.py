@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -17,11 +18,18 @@ from tests.conftest import REPO
 
 
 class UpstreamServer:
-    """A UDP DNS server on 127.0.0.1 that answers every A question with `address` (TTL 300); counts questions."""
+    """A UDP DNS server on 127.0.0.1 that answers every A question with `address`; records what it was asked.
 
-    def __init__(self, address: str = "192.0.2.1") -> None:
+    Its behaviour can change mid-test: `ttl`, `delay` (seconds before answering), `mode` (`answer`, `silent`,
+    `servfail`)."""
+
+    def __init__(self, address: str = "192.0.2.1", ttl: int = 300) -> None:
         self.address = address
+        self.ttl = ttl
+        self.delay = 0.0
+        self.mode = "answer"
         self.asked: list[str] = []
+        self.packets: list[bytes] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.settimeout(0.2)
@@ -47,9 +55,22 @@ class UpstreamServer:
             request = DNSRecord.parse(data)
             question = request.questions[0]
             self.asked.append(str(question.qname).rstrip(".").lower())
-            reply = request.reply()
-            if question.qtype == QTYPE.A:
-                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(self.address), ttl=300))
+            self.packets.append(data)
+            if self.mode == "silent":
+                continue
+            if self.delay:
+                threading.Timer(self.delay, self._answer, (request, peer)).start()
+            else:
+                self._answer(request, peer)
+
+    def _answer(self, request: DNSRecord, peer: tuple[str, int]) -> None:
+        reply = request.reply()
+        question = request.questions[0]
+        if self.mode == "servfail":
+            reply.header.rcode = 2
+        elif question.qtype == QTYPE.A:
+            reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(self.address), ttl=self.ttl))
+        with contextlib.suppress(OSError):
             self.sock.sendto(reply.pack(), peer)
 
 

@@ -1,0 +1,80 @@
+"""Forwarding: one upstream query for identical questions in flight, serve-stale, failover on SERVFAIL, and what
+a client's query may not carry upstream (EDNS client-subnet, cookies)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+from dnslib import DNSRecord
+
+from dns_resolver.forwarding import Forwarder
+from dns_resolver.server import question_bytes
+from dns_resolver.upstream import UpstreamFailure, UpstreamPool
+from policy.metrics import DNS_STALE_ANSWERS
+from tests.conftest import free_port, write_tree
+from tests.dns_servers import UpstreamServer, VigieProcess, dig
+from tests.test_dns_fastpath import RULES
+
+QUESTION = question_bytes("lumni.fr", 1)
+
+
+def test_identical_questions_in_flight_go_upstream_once() -> None:
+    with UpstreamServer() as upstream:
+        upstream.delay = 0.3
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)))
+
+        async def many() -> list[bytes]:
+            answers = await asyncio.gather(*(forwarder.answer(QUESTION) for _ in range(20)))
+            return [a.wire for a in answers]
+
+        answers = asyncio.run(many())
+    assert upstream.asked == ["lumni.fr"]
+    assert len(set(answers)) == 1 and DNSRecord.parse(answers[0]).rr[0].ttl == 300
+
+
+def test_an_answer_is_served_stale_while_every_upstream_is_down_then_no_more() -> None:
+    with UpstreamServer(ttl=1) as upstream:
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), stale_seconds=2)
+
+        async def scenario() -> None:
+            fresh = await forwarder.answer(QUESTION)
+            assert fresh.lifetime == 1
+            await asyncio.sleep(1.2)
+            upstream.mode = "silent"
+            stale_before = DNS_STALE_ANSWERS._value.get()
+            stale = await forwarder.answer(QUESTION)
+            assert stale.lifetime == 0 and DNSRecord.parse(stale.wire).rr[0].ttl == 30
+            assert DNS_STALE_ANSWERS._value.get() == stale_before + 1
+            await asyncio.sleep(2.1)  # past the stale window: nothing to serve
+            with pytest.raises(UpstreamFailure):
+                await forwarder.answer(QUESTION)
+
+        asyncio.run(scenario())
+
+
+def test_an_upstream_answering_servfail_is_passed_over() -> None:
+    with UpstreamServer() as broken, UpstreamServer(address="192.0.2.9") as working:
+        broken.mode = "servfail"
+        pool = UpstreamPool((f"127.0.0.1:{broken.port}", f"127.0.0.1:{working.port}"))
+        answer = asyncio.run(Forwarder(pool).answer(QUESTION))
+    assert str(DNSRecord.parse(answer.wire).rr[0].rdata) == "192.0.2.9"
+    assert broken.asked == ["lumni.fr"] and working.asked == ["lumni.fr"]
+
+
+def test_client_subnet_and_cookies_stay_here_and_all_down_is_servfail(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie:
+        out = dig(vigie.dns_port, "+subnet=203.0.113.0/24", "+cookie", "LuMnI.fr")
+        assert "status: NOERROR" in out and "LuMnI.fr." in out.split("ANSWER SECTION:")[1]
+        forwarded = DNSRecord.parse(upstream.packets[-1])
+        options = [rr for rr in forwarded.ar if rr.rtype == 41]
+        assert len(options) == 1 and options[0].rdata == []  # our own OPT record, without any option
+        assert str(forwarded.q.qname) == "lumni.fr."
+        upstream.mode = "silent"
+        started = time.monotonic()
+        assert "status: SERVFAIL" in dig(vigie.dns_port, "never-seen.example")
+        assert time.monotonic() - started < 4
+        assert "status: NOERROR" in dig(vigie.dns_port, "lumni.fr"), "what is cached still answers"
