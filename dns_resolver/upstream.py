@@ -1,7 +1,8 @@
 """Forwarding to upstream resolvers: UDP with a timeout and failover, TCP when the answer is truncated.
 
-Each query goes out from a fresh socket (random source port) with a random ID, and an answer is accepted only when
-its ID and question match what was asked: the usual defence against cache poisoning.
+Each query goes out with a random ID from one of many sockets (random source ports, renewed every hundred
+queries), and an answer is accepted only when its ID and question match what was asked: the usual defence against
+cache poisoning.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import secrets
 import struct
 import time
 from dataclasses import dataclass, field
+from typing import cast
 
 from dnslib import DNSRecord
 
@@ -54,29 +56,105 @@ class Upstream:
         self.failures, self.down_until = 0, 0.0
 
 
-class _OneAnswer(asyncio.DatagramProtocol):
-    def __init__(self, query_id: int, question: bytes) -> None:
-        self.query_id = query_id
-        self.question = question
-        self.answer: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+SOCKETS_PER_UPSTREAM = 64
+QUERIES_PER_SOCKET = 100
+
+
+class _SharedSocket(asyncio.DatagramProtocol):
+    """One connected UDP socket (one random source port) carrying several queries, told apart by ID; an answer
+    counts only when its ID is pending and its question is the one asked."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
+        self.sent = 0
+        self.retired = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: object) -> None:
-        if len(data) < 12 or self.answer.done():
+        if len(data) < 12:
             return
-        if struct.unpack("!H", data[:2])[0] != self.query_id or data[12:12 + len(self.question)].lower() \
-                != self.question.lower():
-            return  # not our answer: ignore it and keep waiting
-        self.answer.set_result(data)
+        entry = self.pending.get(data[0] << 8 | data[1])
+        if entry is None or data[12:12 + len(entry[0])].lower() != entry[0]:
+            return  # not an answer to a question in flight here: ignore it and keep waiting
+        if not entry[1].done():
+            entry[1].set_result(data)
 
     def error_received(self, exc: Exception) -> None:
-        if not self.answer.done():
-            self.answer.set_exception(exc)
+        self._fail_all(exc)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._fail_all(exc or ConnectionError("socket closed"))
+
+    def _fail_all(self, exc: Exception) -> None:
+        for _, future in self.pending.values():
+            if not future.done():
+                future.set_exception(exc)
+
+    def done_with(self, query_id: int) -> None:
+        self.pending.pop(query_id, None)
+        if self.retired and not self.pending and self.transport is not None:
+            self.transport.close()
+
+
+class _SocketPool:
+    """SOCKETS_PER_UPSTREAM sockets, each replaced by a fresh one (a new random port) after QUERIES_PER_SOCKET
+    queries: opening a socket per query costs more than the rest of a forwarded answer, and a spoofer must still
+    guess the port among many and the ID among 65,536, for a port that soon changes."""
+
+    def __init__(self, address: str, port: int) -> None:
+        self.address, self.port = address, port
+        self.slots: list[_SharedSocket | None] = [None] * SOCKETS_PER_UPSTREAM
+
+    async def query(self, wire: bytes, question: bytes, timeout: float) -> bytes:
+        loop = asyncio.get_running_loop()
+        index = secrets.randbelow(SOCKETS_PER_UPSTREAM)
+        shared = self.slots[index]
+        if shared is None or shared.sent >= QUERIES_PER_SOCKET or shared.transport is None \
+                or shared.transport.is_closing():
+            if shared is not None:
+                shared.retired = True
+                if not shared.pending and shared.transport is not None:
+                    shared.transport.close()
+            _, shared = await loop.create_datagram_endpoint(_SharedSocket, remote_addr=(self.address, self.port))
+            self.slots[index] = shared
+        query_id = secrets.randbelow(65536)
+        while query_id in shared.pending:
+            query_id = secrets.randbelow(65536)
+        future: asyncio.Future[bytes] = loop.create_future()
+        shared.pending[query_id] = (question.lower(), future)
+        shared.sent += 1
+        expiry = loop.call_later(timeout, _expire, future)
+        try:
+            assert shared.transport is not None
+            shared.transport.sendto(struct.pack("!H", query_id) + wire[2:])
+            return await future
+        finally:
+            expiry.cancel()
+            shared.done_with(query_id)
+
+    def close(self) -> None:
+        for shared in self.slots:
+            if shared is not None and shared.transport is not None:
+                shared.transport.close()
+
+
+def _expire(future: asyncio.Future[bytes]) -> None:
+    if not future.done():
+        future.set_exception(TimeoutError("no answer in time"))
 
 
 class UpstreamPool:
     def __init__(self, upstreams: tuple[str, ...], timeout: float = 1.5) -> None:
         self.upstreams = [Upstream(*split_host_port(u)) for u in upstreams]
         self.timeout = timeout
+        self._sockets = {u.label: _SocketPool(u.address, u.port) for u in self.upstreams}
+
+    def close(self) -> None:
+        for sockets in self._sockets.values():
+            sockets.close()
 
     def _order(self) -> list[Upstream]:
         healthy = [u for u in self.upstreams if u.healthy]
@@ -92,11 +170,10 @@ class UpstreamPool:
         """Send `query` (any ID: each try gets a random one) to the healthy upstreams in turn; the first answer
         whose ID and question match and whose code is not SERVFAIL or REFUSED wins. Raises UpstreamFailure."""
         for upstream in self._order():
-            query_id = secrets.randbelow(65536)
-            wire = struct.pack("!H", query_id) + query[2:]
             try:
-                answer = await self._udp(upstream, wire, query_id, question)
+                answer = await self._sockets[upstream.label].query(query, question, self.timeout)
                 if answer[2] & 0x02:  # TC: the full answer needs TCP
+                    wire = struct.pack("!H", secrets.randbelow(65536)) + query[2:]
                     answer = await self._tcp(upstream, wire)
                     if answer[:2] != wire[:2] or answer[12:12 + len(question)].lower() != question.lower():
                         raise UpstreamFailure("TCP answer for another question")
@@ -110,16 +187,6 @@ class UpstreamPool:
             upstream.succeeded()
             return answer
         raise UpstreamFailure("no upstream answered")
-
-    async def _udp(self, upstream: Upstream, wire: bytes, query_id: int, question: bytes) -> bytes:
-        loop = asyncio.get_running_loop()
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _OneAnswer(query_id, question), remote_addr=(upstream.address, upstream.port))
-        try:
-            transport.sendto(wire)
-            return await asyncio.wait_for(protocol.answer, self.timeout)
-        finally:
-            transport.close()
 
     async def _tcp(self, upstream: Upstream, wire: bytes) -> bytes:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(upstream.address, upstream.port),

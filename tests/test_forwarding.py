@@ -27,7 +27,10 @@ def test_identical_questions_in_flight_go_upstream_once() -> None:
         forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)))
 
         async def many() -> list[bytes]:
-            answers = await asyncio.gather(*(forwarder.answer(QUESTION) for _ in range(20)))
+            try:
+                answers = await asyncio.gather(*(forwarder.answer(QUESTION) for _ in range(20)))
+            finally:
+                forwarder.pool.close()
             return [a.wire for a in answers]
 
         answers = asyncio.run(many())
@@ -40,6 +43,12 @@ def test_an_answer_is_served_stale_while_every_upstream_is_down_then_no_more() -
         forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), stale_seconds=2)
 
         async def scenario() -> None:
+            try:
+                await steps()
+            finally:
+                forwarder.pool.close()
+
+        async def steps() -> None:
             fresh = await forwarder.answer(QUESTION)
             assert fresh.lifetime == 1
             await asyncio.sleep(1.2)
@@ -59,8 +68,15 @@ def test_an_upstream_answering_servfail_is_passed_over() -> None:
     with UpstreamServer() as broken, UpstreamServer(address="192.0.2.9") as working:
         broken.mode = "servfail"
         pool = UpstreamPool((f"127.0.0.1:{broken.port}", f"127.0.0.1:{working.port}"))
-        answer = asyncio.run(Forwarder(pool).answer(QUESTION))
-    assert str(DNSRecord.parse(answer.wire).rr[0].rdata) == "192.0.2.9"
+
+        async def ask() -> bytes:
+            try:
+                return (await Forwarder(pool).answer(QUESTION)).wire
+            finally:
+                pool.close()
+
+        wire = asyncio.run(ask())
+    assert str(DNSRecord.parse(wire).rr[0].rdata) == "192.0.2.9"
     assert broken.asked == ["lumni.fr"] and working.asked == ["lumni.fr"]
 
 

@@ -231,6 +231,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     listening: list[str] = []
     dns_servers: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
     proxy = None
+    front = None
     if fronts.dns is not None:
         front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(fronts.dns.upstreams))
         dns_servers = await start_dns_servers(front, fronts.dns.listen, shared=fronts.dns.workers > 1)
@@ -282,6 +283,8 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         task.cancel()
     for item in dns_servers:
         item.close()
+    if front is not None:
+        front.upstreams.close()
     if proxy is not None:
         await proxy.stop()
     if len(workers) < started_workers:
