@@ -154,3 +154,29 @@ class ReplyCache:
         if (header[0] ^ packet[2]) & 0x01:  # echo the client's RD bit
             header = bytes((header[0] ^ 0x01,)) + header[1:]
         return packet[:2] + header + packet[12:query.question_end] + tail, entry
+
+
+class RateLimiter:
+    """A token bucket per client address: `per_second` queries, bursts up to twice that. A client over its rate
+    gets no answer (like unbound's ip-ratelimit): answering would still cost, and help reflection attacks."""
+
+    def __init__(self, per_second: int, max_clients: int = 100_000) -> None:
+        self.rate = float(per_second)
+        self.burst = 2.0 * per_second
+        self._buckets: dict[str, list[float]] = {}
+        self._max_clients = max_clients
+
+    def allow(self, address: str, now: float) -> bool:
+        bucket = self._buckets.get(address)
+        if bucket is None:
+            if len(self._buckets) >= self._max_clients:
+                self._buckets.clear()  # a flood of spoofed sources: forget, rather than grow without bound
+            self._buckets[address] = [self.burst - 1, now]
+            return True
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1:
+            bucket[0] = tokens
+            return False
+        bucket[0] = tokens - 1
+        return True

@@ -23,13 +23,13 @@ from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOptio
 
 from blocklists.errors import NameRejected
 from blocklists.names import normalize_domain
-from dns_resolver.fastpath import PlainQuery, ReplyCache, read_plain_query
+from dns_resolver.fastpath import PlainQuery, RateLimiter, ReplyCache, read_plain_query
 from dns_resolver.forwarding import OUR_OPT, Forwarder, UpstreamAnswer
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
 from policy.engine import decide
-from policy.metrics import DNS_ERRORS, DNS_LATENCY, QUERIES
+from policy.metrics import DNS_ERRORS, DNS_LATENCY, DNS_RATE_LIMITED, QUERIES
 from policy.model import BlockAnswer
 from policy.snapshot import Snapshot
 from policy.state import StateView
@@ -74,13 +74,15 @@ class DnsFront:
     """Protocol-independent handling of one query; the UDP and TCP servers below only move bytes."""
 
     def __init__(self, current_snapshot: Callable[[], Snapshot], current_state: Callable[[], StateView],
-                 upstreams: UpstreamPool, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 upstreams: UpstreamPool, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 rate_limit: int = 0) -> None:
         self.current_snapshot = current_snapshot
         self.current_state = current_state
         self.upstreams = upstreams
         self.clock = clock
         self._decisions: OrderedDict[tuple[int, str, str | None, str], Decision] = OrderedDict()
         self.forwarder = Forwarder(upstreams)
+        self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
         self._clients: dict[str, tuple[int, Client | None]] = {}
         self.replies = ReplyCache()
 
@@ -367,9 +369,13 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        started = time.perf_counter()
+        limiter = self.front.rate_limiter
+        if limiter is not None and not limiter.allow(addr[0], started):
+            DNS_RATE_LIMITED.inc()
+            return
         query = read_plain_query(data)
         if query is not None and self.transport is not None:
-            started = time.perf_counter()
             front = self.front
             snapshot = front.current_snapshot()
             client = front.client_of(addr[0], snapshot)

@@ -109,6 +109,17 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
 
 
+def parse_rate(text: str) -> int:
+    """`1000/s`, `1000`, or `off` (0) → queries per second."""
+    text = text.strip().lower()
+    if text in ("off", "0"):
+        return 0
+    value = int(text.removesuffix("/s"))
+    if value < 1:
+        raise ValueError("not a rate")
+    return value
+
+
 def parse_workers(text: str) -> int:
     """`2`, or `auto` for one per CPU core."""
     if text.strip() == "auto":
@@ -296,7 +307,8 @@ class _RulesReader:
         )
 
     def _dns(self, field: Field) -> DnsSettings:
-        keys = field.mapping(("listen", "upstreams", "block_answer", "blockpage_address", "max_ttl", "workers"))
+        keys = field.mapping(("listen", "upstreams", "block_answer", "blockpage_address", "max_ttl", "workers",
+                              "rate_limit"))
         defaults = DnsSettings()
         listen = tuple(v for f in keys["listen"].items() if (v := f.converted(parse_listen, "127.0.0.1:53")))\
             if "listen" in keys else defaults.listen
@@ -326,8 +338,9 @@ class _RulesReader:
         max_ttl = keys["max_ttl"].converted(lambda t: parse_duration_minutes(t) * 60, "1h") if "max_ttl" in keys \
             else None
         workers = keys["workers"].converted(parse_workers, "2") if "workers" in keys else None
+        rate_limit = keys["rate_limit"].converted(parse_rate, "1000/s") if "rate_limit" in keys else None
         return DnsSettings(listen, upstreams, answer, ipv4, ipv6, max_ttl or defaults.max_ttl_seconds,
-                           workers or defaults.workers)
+                           workers or defaults.workers, defaults.rate_limit if rate_limit is None else rate_limit)
 
     def _lists(self, field: Field | None) -> tuple[ListSource, ...]:
         sources = [ListSource(BUNDLED_SOURCE, "(bundled)", ListFormat.DOMAINS,

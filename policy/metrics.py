@@ -67,6 +67,7 @@ QUERIES = LabelCounter("vigie_dns_queries", "DNS queries answered, by group, act
 DNS_LATENCY = FastHistogram("vigie_dns_answer_seconds", "Time from a query's arrival to its answer",
                             buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                      1, 2.5))
+DNS_RATE_LIMITED = Counter("vigie_dns_rate_limited", "UDP queries dropped: their client went over dns.rate_limit")
 DNS_STALE_ANSWERS = Counter("vigie_dns_stale_answers", "Answers served stale (RFC 8767): no upstream answered")
 DNS_ERRORS = Counter("vigie_dns_errors", "Queries answered SERVFAIL or FORMERR, by kind", ["kind"])
 UPSTREAM_FAILURES = Counter("vigie_dns_upstream_failures", "Forwarded queries an upstream did not answer",

@@ -169,6 +169,7 @@ class DnsSettings:
     blockpage_ipv6: str | None = None
     max_ttl_seconds: int = 3600
     workers: int = 1  # processes sharing the DNS port (SO_REUSEPORT); production: one per core
+    rate_limit: int = 1000  # UDP queries per second per client address (bursts to twice that); 0: no limit
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ from tests.dns_servers import UpstreamServer, VigieProcess, dig
 
 RULES = """
 timezone: Europe/Paris
+server:
+  dns: {rate_limit: off}   # the reload test's query loop runs faster than any tablet
 lists:
   games: {source: games.txt, format: domains}
 categories:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import re
 import socket
 import struct
 import subprocess
 import time
+import urllib.request
 from pathlib import Path
 
 from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
@@ -134,3 +137,25 @@ def test_workers_share_the_port_reload_together_and_stop_together(tmp_path: Path
             time.sleep(0.3)
     assert vigie.process.returncode == 0
     assert subprocess.run(["ps", "-p", workers[0]], capture_output=True).returncode != 0, "the worker stopped too"
+
+
+def test_a_client_over_its_rate_gets_no_answer_then_gets_answers_again(tmp_path: Path) -> None:
+    limited = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {rate_limit: 20/s}")
+    rules = write_tree(tmp_path, {"rules.yaml": limited, "games.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, free_port()) as vigie, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(0.5)
+        query = DNSRecord.question("lumni.fr").pack()
+        for _ in range(200):  # a burst far over 20/s (bursts up to 40 are allowed)
+            sock.sendto(query, ("127.0.0.1", vigie.dns_port))
+        answers = 0
+        with contextlib.suppress(TimeoutError):
+            while True:
+                sock.recv(4096)
+                answers += 1
+        assert 35 <= answers <= 60
+        time.sleep(1.5)
+        assert ask_from("127.0.0.1", vigie.dns_port, "lumni.fr").header.rcode == 0
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{vigie.metrics_port}/metrics", timeout=5).read()
+        dropped = re.search(rb"^vigie_dns_rate_limited_total (\S+)", metrics, re.MULTILINE)
+        assert dropped and float(dropped.group(1)) >= 140

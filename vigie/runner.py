@@ -233,7 +233,8 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     proxy = None
     front = None
     if fronts.dns is not None:
-        front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(fronts.dns.upstreams))
+        front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(fronts.dns.upstreams),
+                         rate_limit=fronts.dns.rate_limit)
         dns_servers = await start_dns_servers(front, fronts.dns.listen, shared=fronts.dns.workers > 1)
         listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
                          f"upstreams {', '.join(fronts.dns.upstreams)}")
