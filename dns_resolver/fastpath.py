@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 OPT_TYPE = 41
 MAX_ENTRIES = 200_000
+PREFETCH_AFTER = 0.9  # of an answer's lifetime
+PREFETCH_MIN_HITS = 3
 _TTL = struct.Struct("!I")
 
 
@@ -95,6 +97,8 @@ class CachedReply:
     expires_at: float
     size: int
     labels: tuple[str, str, str]  # group, action, reason: what the metrics count for a hit
+    prefetch_at: float  # past this, a popular answer from upstream is fetched again before it expires
+    hits: int = 0
     aged_tail: bytes = b""
     aged_seconds: int = 0
 
@@ -114,7 +118,7 @@ class ReplyCache:
         self._entries.clear()
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
-              labels: tuple[str, str, str]) -> None:
+              labels: tuple[str, str, str], *, from_upstream: bool = False) -> None:
         if lifetime < 1 or len(reply) < query.question_end:
             return
         reply = bytes(reply)
@@ -123,14 +127,16 @@ class ReplyCache:
             return
         now = time.monotonic()
         key = (view, query.question, query.edns)
+        prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
         self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], offsets, now, now + lifetime,
-                                         len(reply), labels)
+                                         len(reply), labels, prefetch_at)
         self._entries.move_to_end(key)
         if len(self._entries) > self._max:
             self._entries.popitem(last=False)
 
-    def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply] | None:
-        """The cached reply for this query (ID, RD bit and question case from `packet`), or None."""
+    def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply, bool] | None:
+        """The cached reply for this query (ID, RD bit and question case from `packet`), its entry, and whether
+        to fetch its upstream answer again now (a popular answer near its end, once); None when not cached."""
         entry = self._entries.get((view, query.question, query.edns))
         if entry is None:
             return None
@@ -150,10 +156,14 @@ class ReplyCache:
                     _TTL.pack_into(aged, offset, max(0, ttl - age))
                 entry.aged_tail, entry.aged_seconds = bytes(aged), age
             tail = entry.aged_tail
+        entry.hits += 1
+        prefetch = now >= entry.prefetch_at and entry.hits >= PREFETCH_MIN_HITS
+        if prefetch:
+            entry.prefetch_at = float("inf")
         header = entry.header
         if (header[0] ^ packet[2]) & 0x01:  # echo the client's RD bit
             header = bytes((header[0] ^ 0x01,)) + header[1:]
-        return packet[:2] + header + packet[12:query.question_end] + tail, entry
+        return packet[:2] + header + packet[12:query.question_end] + tail, entry, prefetch
 
 
 class RateLimiter:

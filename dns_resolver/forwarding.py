@@ -8,6 +8,7 @@ cookies or padding never leave the server (privacy), and the answer does not dep
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 import time
 from collections import OrderedDict
@@ -75,17 +76,18 @@ class Forwarder:
         self.stale_seconds = stale_seconds
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._in_flight: dict[bytes, asyncio.Future[_Entry]] = {}
+        self._background: set[asyncio.Task[None]] = set()
         self._max = max_entries
 
     def __len__(self) -> int:
         return len(self._cache)
 
-    async def answer(self, question: bytes) -> UpstreamAnswer:
-        """The answer to `question` (lower-cased name, type, class). Raises UpstreamFailure when no upstream
-        answers and nothing, not even stale, is cached."""
+    async def answer(self, question: bytes, *, refresh: bool = False) -> UpstreamAnswer:
+        """The answer to `question` (lower-cased name, type, class); `refresh` asks upstream even if cached.
+        Raises UpstreamFailure when no upstream answers and nothing, not even stale, is cached."""
         now = time.monotonic()
         entry = self._cache.get(question)
-        if entry is not None and now < entry.stored_at + entry.lifetime:
+        if entry is not None and not refresh and now < entry.stored_at + entry.lifetime:
             return self._aged(entry, now)
         pending = self._in_flight.get(question)
         if pending is None:
@@ -111,6 +113,18 @@ class Forwarder:
         except UpstreamFailure as exc:
             return self._stale_or_raise(question, exc)
         return self._aged(shared, time.monotonic())
+
+    def prefetch(self, question: bytes) -> None:
+        """Fetch `question` again in the background (unless already in flight); failures leave the entry as is."""
+        if question in self._in_flight:
+            return
+        task = asyncio.get_running_loop().create_task(self._refresh(question))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _refresh(self, question: bytes) -> None:
+        with contextlib.suppress(UpstreamFailure):
+            await self.answer(question, refresh=True)
 
     async def _fetch(self, question: bytes) -> _Entry:
         wire = await self.pool.resolve_wire(_QUERY_HEADER + question + OUR_OPT, question)

@@ -62,6 +62,7 @@ class Answered:
     lifetime: float = 0.0
     labels: tuple[str, str, str] = ("", "", "")
     view: object = None
+    from_upstream: bool = False  # forwarded as is: worth fetching again before it expires if popular
 
 
 @dataclass(frozen=True)
@@ -263,7 +264,7 @@ class DnsFront:
         reply = client_reply(packet, query, upstream, ttl_cap)
         DNS_LATENCY.observe(time.perf_counter() - started)
         lifetime = min(upstream.lifetime, ttl_cap) if cacheable and upstream.offsets else 0.0
-        return Answered(reply, lifetime, labels, (snapshot.generation, client.group))
+        return Answered(reply, lifetime, labels, (snapshot.generation, client.group), from_upstream=True)
 
     @staticmethod
     def _ttl_cap(decision: Decision, snapshot: Snapshot, now: datetime) -> int:
@@ -383,6 +384,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                 hit = front.replies.reply((snapshot.generation, client.group), query, data)
                 if hit is not None:
                     self.transport.sendto(hit[0], addr)
+                    if hit[2]:
+                        front.forwarder.prefetch(query.question)
                     QUERIES.inc(*hit[1].labels)
                     DNS_LATENCY.observe(time.perf_counter() - started)
                     return
@@ -403,7 +406,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             return
         answer = answered.wire
         if query is not None and answered.lifetime and answered.view is not None:
-            self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels)
+            self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels,
+                                     from_upstream=answered.from_upstream)
         limit = query.udp_size if query is not None else _client_udp_size(data)
         if len(answer) > limit:
             answer = _truncated(answer)

@@ -94,3 +94,21 @@ def test_client_subnet_and_cookies_stay_here_and_all_down_is_servfail(tmp_path: 
         assert "status: SERVFAIL" in dig(vigie.dns_port, "never-seen.example")
         assert time.monotonic() - started < 4
         assert "status: NOERROR" in dig(vigie.dns_port, "lumni.fr"), "what is cached still answers"
+
+
+def test_a_popular_name_is_fetched_again_before_it_expires(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    with UpstreamServer(ttl=10) as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie:
+        for _ in range(4):  # popular
+            assert "status: NOERROR" in dig(vigie.dns_port, "lumni.fr")
+        assert upstream.asked == ["lumni.fr"]
+        time.sleep(9.2)  # past 90 % of its lifetime: the next answer still comes from the cache, and it is refetched
+        assert "status: NOERROR" in dig(vigie.dns_port, "lumni.fr")
+        deadline = time.monotonic() + 2
+        while upstream.asked != ["lumni.fr", "lumni.fr"]:
+            assert time.monotonic() < deadline, upstream.asked
+            time.sleep(0.05)
+        time.sleep(1.2)  # the first answer has expired by now; the refetched one answers without asking again
+        out = dig(vigie.dns_port, "lumni.fr")
+        assert upstream.asked == ["lumni.fr", "lumni.fr"]
+        assert int(out.split("ANSWER SECTION:")[1].split()[1]) >= 8
