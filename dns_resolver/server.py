@@ -306,7 +306,7 @@ def client_reply(packet: bytes, query: PlainQuery, upstream: UpstreamAnswer, ttl
     if query.edns:
         records += OUR_OPT
         additional += 1
-    flags = ((wire[2] & 0xFE) | (packet[2] & 0x01), wire[3] | 0x80)  # the client's RD; RA set
+    flags = ((wire[2] & 0xFA) | (packet[2] & 0x01), wire[3] | 0x80)  # not authoritative; the client's RD; RA
     return (packet[:2] + bytes(flags) + packet[4:6] + wire[6:10] + struct.pack("!H", additional)
             + packet[12:query.question_end] + records)
 

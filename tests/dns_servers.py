@@ -28,6 +28,7 @@ class UpstreamServer:
         self.ttl = ttl
         self.delay = 0.0
         self.mode = "answer"
+        self.records = 1  # A records per answer (many make an answer too big for plain UDP)
         self.asked: list[str] = []
         self.packets: list[bytes] = []
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -69,7 +70,10 @@ class UpstreamServer:
         if self.mode == "servfail":
             reply.header.rcode = 2
         elif question.qtype == QTYPE.A:
-            reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(self.address), ttl=self.ttl))
+            base = self.address.rsplit(".", 1)[0]
+            for index in range(self.records):
+                address = self.address if index == 0 else f"{base}.{(index % 250) + 2}"
+                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=self.ttl))
         with contextlib.suppress(OSError):
             self.sock.sendto(reply.pack(), peer)
 
@@ -109,7 +113,7 @@ class VigieProcess:
         return self.log.read_text()
 
 
-def dig(port: int, *args: str) -> str:
-    result = subprocess.run(["dig", "@127.0.0.1", "-p", str(port), "+time=2", "+tries=1", *args],
+def dig(port: int, *args: str, server: str = "127.0.0.1") -> str:
+    result = subprocess.run(["dig", f"@{server}", "-p", str(port), "+time=2", "+tries=1", *args],
                             capture_output=True, text=True, timeout=20)
     return result.stdout
