@@ -138,9 +138,8 @@ def write_files(workdir: Path) -> tuple[list[str], dict[str, Path]]:
     return blocked, paths
 
 
-UPSTREAM_CONF = """server:
+_UNBOUND_SERVER = """server:
   interface: 127.0.0.1@{port}
-  num-threads: 1
   do-daemonize: no
   use-syslog: no
   logfile: ""
@@ -149,21 +148,13 @@ UPSTREAM_CONF = """server:
   directory: "{dir}"
   pidfile: ""
   access-control: 127.0.0.0/8 allow
+"""
+UPSTREAM_CONF = _UNBOUND_SERVER + """  num-threads: 1
   local-zone: "example." redirect
   local-data: "example. 300 IN A 192.0.2.1"
 """
-UNBOUND_CONF = """server:
-  interface: 127.0.0.1@{port}
-  num-threads: {threads}
+UNBOUND_CONF = _UNBOUND_SERVER + """  num-threads: {threads}
   so-reuseport: yes
-  do-daemonize: no
-  use-syslog: no
-  logfile: ""
-  username: ""
-  chroot: ""
-  directory: "{dir}"
-  pidfile: ""
-  access-control: 127.0.0.0/8 allow
   do-not-query-localhost: no
   qname-minimisation: no
   module-config: "iterator"

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 OPT_TYPE = 41
-MAX_ENTRIES = 200_000
+MAX_ENTRIES = 100_000  # replies by (rules generation, group, question): ~300 bytes each
 PREFETCH_AFTER = 0.9  # of an answer's lifetime
 PREFETCH_MIN_HITS = 3
 _TTL = struct.Struct("!I")

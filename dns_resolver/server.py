@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import socket
 import struct
 import time
 from collections import OrderedDict
@@ -451,6 +452,24 @@ async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, write
         writer.close()
 
 
+RECEIVE_BUFFER_BYTES = 8 * 1024 * 1024
+
+
+def _enlarge_receive_buffer(sock: socket.socket | None) -> None:
+    """Room for ~80,000 queries: a pause of the process (a garbage collection, a reload) must not drop them.
+    SO_RCVBUFFORCE may pass net.core.rmem_max (with CAP_NET_ADMIN); otherwise as much as allowed."""
+    if sock is None:
+        return
+    for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+        if option is None:
+            continue
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, option, RECEIVE_BUFFER_BYTES)
+            return
+        except OSError:
+            continue
+
+
 async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
                             shared: bool = False) -> list[asyncio.AbstractServer | asyncio.BaseTransport]:
     """Bind UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown. `shared`: several
@@ -462,6 +481,7 @@ async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
         host, port = host.strip("[]"), int(port_text)
         transport, _ = await loop.create_datagram_endpoint(lambda: _UdpProtocol(front), local_addr=(host, port),
                                                            reuse_port=shared or None)
+        _enlarge_receive_buffer(transport.get_extra_info("socket"))
         servers.append(transport)
         server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port,
                                             reuse_port=shared or None)

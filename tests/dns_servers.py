@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Self
 
 from dnslib import QTYPE, RR, A, DNSRecord
 
@@ -78,24 +79,22 @@ class UpstreamServer:
             self.sock.sendto(reply.pack(), peer)
 
 
-class VigieProcess:
-    """`vigie dns` as an admin runs it, on free loopback ports; stopped with SIGTERM."""
+class RunningVigie:
+    """A `vigie` command as an admin runs it, logging to a file, ready once its startup line is printed; stopped
+    with SIGTERM on exit."""
 
-    def __init__(self, rules: Path, dns_port: int, upstream_port: int, metrics_port: int | None = None,
-                 *extra: str) -> None:
-        self.dns_port = dns_port
-        self.metrics_port = metrics_port
-        command = [sys.executable, "-m", "vigie", "dns", "--rules", str(rules),
-                   "--dns-listen", f"127.0.0.1:{dns_port}", "--upstream", f"127.0.0.1:{upstream_port}",
-                   "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off", *extra]
-        self.log = rules.parent / "vigie.log"
-        self._log_file = self.log.open("w")
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT,
-                                        env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ready_text = "vigie: "
 
-    def __enter__(self) -> VigieProcess:
+    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.log = log
+        self._log_file = log.open("w")
+        self.process = subprocess.Popen([sys.executable, "-m", "vigie", *command], cwd=REPO, stdout=self._log_file,
+                                        stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
+                                                                       **(env or {})})
+
+    def __enter__(self) -> Self:
         deadline = time.monotonic() + 30
-        while "vigie: DNS on" not in self.log.read_text():
+        while self.ready_text not in self.log.read_text():
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"vigie did not start:\n{self.log.read_text()}")
             time.sleep(0.05)
@@ -111,6 +110,21 @@ class VigieProcess:
 
     def output(self) -> str:
         return self.log.read_text()
+
+
+class VigieProcess(RunningVigie):
+    """`vigie dns` on free loopback ports."""
+
+    ready_text = "vigie: DNS on"
+
+    def __init__(self, rules: Path, dns_port: int, upstream_port: int, metrics_port: int | None = None,
+                 *extra: str) -> None:
+        self.dns_port = dns_port
+        self.metrics_port = metrics_port
+        super().__init__(["dns", "--rules", str(rules), "--dns-listen", f"127.0.0.1:{dns_port}",
+                          "--upstream", f"127.0.0.1:{upstream_port}",
+                          "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off", *extra],
+                         rules.parent / "vigie.log")
 
 
 def dig(port: int, *args: str, server: str = "127.0.0.1") -> str:

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import datetime
 import json
-import os
 import ssl
 import subprocess
-import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import REPO
+from tests.dns_servers import RunningVigie
 
 ORIGIN_NAMES = ("allowed.example", "www.google.com", "www.bing.com", "www.youtube.com", "roblox.com",
                 "www.roblox.com", "pages.example", "wiki.example")
@@ -93,37 +91,20 @@ class Origin:
             server.server_close()
 
 
-class ProxyProcess:
-    """`vigie proxy` as an admin runs it, wired to the local origin; stopped with SIGTERM."""
+class ProxyProcess(RunningVigie):
+    """`vigie proxy` wired to the local origin."""
+
+    ready_text = "vigie: proxy on"
 
     def __init__(self, rules: Path, port: int, origin: Origin, *extra: str) -> None:
         self.port = port
         self.data_dir = rules.parent / "var"
-        command = [sys.executable, "-m", "vigie", "proxy", "--rules", str(rules),
-                   "--proxy-listen", f"127.0.0.1:{port}", "--metrics-listen", "off",
-                   "--set", f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
-                   "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}", *extra]
-        self.log = rules.parent / "proxy.log"
-        self._log_file = self.log.open("w")
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "VIGIE_TEST_ORIGIN_HTTP": str(origin.http.server_port),
-               "VIGIE_TEST_ORIGIN_HTTPS": str(origin.https.server_port)}
-        self.process = subprocess.Popen(command, cwd=REPO, stdout=self._log_file, stderr=subprocess.STDOUT, env=env)
-
-    def __enter__(self) -> ProxyProcess:
-        deadline = time.monotonic() + 30
-        while "vigie: proxy on" not in self.log.read_text():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"vigie proxy did not start:\n{self.log.read_text()}")
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-        self._log_file.close()
+        super().__init__(["proxy", "--rules", str(rules), "--proxy-listen", f"127.0.0.1:{port}",
+                          "--metrics-listen", "off", "--set", f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
+                          "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}", *extra],
+                         rules.parent / "proxy.log",
+                         {"VIGIE_TEST_ORIGIN_HTTP": str(origin.http.server_port),
+                          "VIGIE_TEST_ORIGIN_HTTPS": str(origin.https.server_port)})
 
     @property
     def ca_file(self) -> Path:

@@ -10,32 +10,12 @@ import pytest
 
 from tests.conftest import free_port, write_tree
 from tests.proxy_servers import Origin, ProxyProcess, curl
+from tests.test_proxy_hooks import FILES as HOOK_FILES
+from tests.test_proxy_hooks import RULES as HOOK_RULES
 
-RULES = """
-timezone: Europe/Paris
-lists:
-  games: {source: games.txt, format: domains}
-  pages: {source: pages.txt, format: urls}
-categories:
-  games: [games]
-  pages: [pages]
-  bypass: [vigie/dns-bypass]
-always_block: [bypass]
-devices:
-  unknown: refuse
-  inventory: devices.csv
-groups:
-  school: {networks: [127.0.0.0/8], profile: class}
-  home: {networks: [10.50.0.0/16], profile: home}
-profiles:
-  class:
-    block: [games, pages]
-    safe_search: strict
-  home:
-    safe_search: moderate
-"""
-FILES = {"rules.yaml": RULES, "games.txt": "roblox.com\n", "pages.txt": "pages.example/adult-section\n",
-         "devices.csv": "name,addresses,group,credential\n"}
+# The hook tests' rules with a fixed profile: these run at whatever time it is, night included.
+RULES = HOOK_RULES.replace("schedule: week", "profile: class")
+FILES = {**HOOK_FILES, "rules.yaml": RULES}
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import os
 import signal
@@ -41,6 +42,8 @@ from vigie.loading import load_snapshot, watched_files
 log = logging.getLogger(__name__)
 WATCH_INTERVAL_SECONDS = 2.0
 REFRESH_CHECK_SECONDS = 60.0
+FREEZE_EVERY_SECONDS = 5.0
+THAW_EVERY_SECONDS = 3600.0
 
 
 class SnapshotHolder:
@@ -268,7 +271,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, forward_reload)
-    tasks = [asyncio.create_task(_watch(holder, reload_now))]
+    tasks = [asyncio.create_task(_watch(holder, reload_now)), asyncio.create_task(_keep_collections_short())]
     started_workers = len(workers)
     if workers:
         tasks.append(asyncio.create_task(_watch_workers(workers, stop)))
@@ -292,6 +295,24 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         return 1
     log.info("stopped")
     return 0
+
+
+async def _keep_collections_short() -> None:
+    """Caches of hundreds of thousands of answers make a full garbage collection last 100 ms and more: queries
+    wait, the socket buffer fills. So every few seconds the young objects are collected and the survivors frozen
+    (gc.freeze: never scanned again, still freed when no longer referenced); once an hour everything is thawed and
+    collected, for the rare cycle that formed among frozen objects."""
+    gc.collect()
+    gc.freeze()
+    since_thaw = 0.0
+    while True:
+        await asyncio.sleep(FREEZE_EVERY_SECONDS)
+        since_thaw += FREEZE_EVERY_SECONDS
+        if since_thaw >= THAW_EVERY_SECONDS:
+            gc.unfreeze()
+            since_thaw = 0.0
+        gc.collect()
+        gc.freeze()
 
 
 async def _watch_workers(workers: list[int], stop: asyncio.Event) -> None:
