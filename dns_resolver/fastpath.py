@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import struct
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 
 OPT_TYPE = 41
-MAX_ENTRIES = 100_000  # replies by (rules generation, group, question): ~300 bytes each
+MAX_ENTRIES = 40_000  # replies by (rules generation, group, question): ~400 bytes each
+SECOND_CHANCES = 8  # how many used entries an eviction may move back to the end before dropping one
 PREFETCH_AFTER = 0.9  # of an answer's lifetime
 PREFETCH_MIN_HITS = 3
 _TTL = struct.Struct("!I")
@@ -92,23 +92,26 @@ def ttl_offsets(reply: bytes, question_end: int) -> list[int] | None:
 class CachedReply:
     header: bytes  # reply bytes 2..12: flags and counts
     tail: bytes  # everything after the question
-    ttl_offsets: list[int]
+    ttl_offsets: tuple[int, ...]
     stored_at: float
     expires_at: float
     size: int
     labels: tuple[str, str, str]  # group, action, reason: what the metrics count for a hit
     prefetch_at: float  # past this, a popular answer from upstream is fetched again before it expires
     hits: int = 0
+    recently_used: bool = False
     aged_tail: bytes = b""
     aged_seconds: int = 0
 
 
 class ReplyCache:
     """Finished replies by (view, question, EDNS), where the view is what the decision depended on (rules
-    generation and client group). LRU-bounded; entries expire with their shortest TTL and the decision's validity."""
+    generation and client group). Entries expire with their shortest TTL and the decision's validity. Bounded with
+    "second chance" eviction: the oldest entry goes unless it was used since it last came up, so that a stream of
+    names asked once does not push out the popular ones (and a hit costs a flag, not a reordering)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: OrderedDict[tuple[object, bytes, bool], CachedReply] = OrderedDict()
+        self._entries: dict[tuple[object, bytes, bool], CachedReply] = {}
         self._max = max_entries
 
     def __len__(self) -> int:
@@ -128,11 +131,22 @@ class ReplyCache:
         now = time.monotonic()
         key = (view, query.question, query.edns)
         prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
-        self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], offsets, now, now + lifetime,
+        self._entries.pop(key, None)  # re-inserted at the end
+        self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], tuple(offsets), now, now + lifetime,
                                          len(reply), labels, prefetch_at)
-        self._entries.move_to_end(key)
         if len(self._entries) > self._max:
-            self._entries.popitem(last=False)
+            self._evict_one()
+
+    def _evict_one(self) -> None:
+        entries = self._entries
+        for _ in range(SECOND_CHANCES):
+            oldest = next(iter(entries))
+            entry = entries.pop(oldest)
+            if not entry.recently_used:
+                return
+            entry.recently_used = False
+            entries[oldest] = entry
+        del entries[next(iter(entries))]
 
     def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply, bool] | None:
         """The cached reply for this query (ID, RD bit and question case from `packet`), its entry, and whether
@@ -157,6 +171,7 @@ class ReplyCache:
                 entry.aged_tail, entry.aged_seconds = bytes(aged), age
             tail = entry.aged_tail
         entry.hits += 1
+        entry.recently_used = True
         prefetch = now >= entry.prefetch_at and entry.hits >= PREFETCH_MIN_HITS
         if prefetch:
             entry.prefetch_at = float("inf")

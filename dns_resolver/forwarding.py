@@ -23,7 +23,7 @@ _QUERY_HEADER = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01"
 # Root name, type OPT, UDP size 1232 (the DNS flag day 2020 value), no extended flags, no options.
 OUR_OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 STALE_TTL = 30  # RFC 8767's recommendation for an answer served stale
-MAX_ENTRIES = 50_000  # upstream answers by question
+MAX_ENTRIES = 20_000  # upstream answers by question (the reply cache in front of it answers the popular ones)
 _TTL = struct.Struct("!I")
 
 

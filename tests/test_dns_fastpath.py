@@ -159,3 +159,22 @@ def test_a_client_over_its_rate_gets_no_answer_then_gets_answers_again(tmp_path:
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{vigie.metrics_port}/metrics", timeout=5).read()
         dropped = re.search(rb"^vigie_dns_rate_limited_total (\S+)", metrics, re.MULTILINE)
         assert dropped and float(dropped.group(1)) >= 140
+
+
+def test_a_stream_of_new_names_does_not_push_out_a_name_in_use() -> None:
+    cache = ReplyCache(max_entries=3)
+    queries = {}
+    for name in ("popular.fr", "b.fr", "c.fr", "d.fr", "e.fr"):
+        packet = DNSRecord.question(name).pack()
+        query = read_plain_query(packet)
+        assert query is not None
+        queries[name] = (query, packet)
+    for name in ("popular.fr", "b.fr", "c.fr"):
+        query, packet = queries[name]
+        cache.store("view", query, reply_for(DNSRecord.parse(packet), 300), 300, ("g", "allow", "default"))
+    assert cache.reply("view", *queries["popular.fr"]) is not None  # used: gets a second chance
+    for name in ("d.fr", "e.fr"):
+        query, packet = queries[name]
+        cache.store("view", query, reply_for(DNSRecord.parse(packet), 300), 300, ("g", "allow", "default"))
+    kept = [name for name, (query, packet) in queries.items() if cache.reply("view", query, packet) is not None]
+    assert kept == ["popular.fr", "d.fr", "e.fr"]
