@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 EDE_OPTION = 15
 EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
-MAX_DECISION_CACHE = 100_000
+MAX_DECISION_CACHE = 20_000  # a Decision carries its explanation: ~1 KB each
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}")
 
