@@ -44,6 +44,7 @@ WATCH_INTERVAL_SECONDS = 2.0
 REFRESH_CHECK_SECONDS = 60.0
 FREEZE_EVERY_SECONDS = 5.0
 THAW_EVERY_SECONDS = 3600.0
+THAW_WITH_PROXY_SECONDS = 60.0
 
 
 class SnapshotHolder:
@@ -271,7 +272,9 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     loop.add_signal_handler(signal.SIGHUP, forward_reload)
-    tasks = [asyncio.create_task(_watch(holder, reload_now)), asyncio.create_task(_keep_collections_short())]
+    thaw_every = THAW_WITH_PROXY_SECONDS if proxy is not None else THAW_EVERY_SECONDS
+    tasks = [asyncio.create_task(_watch(holder, reload_now)),
+             asyncio.create_task(_keep_collections_short(thaw_every))]
     started_workers = len(workers)
     if workers:
         tasks.append(asyncio.create_task(_watch_workers(workers, stop)))
@@ -297,18 +300,19 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     return 0
 
 
-async def _keep_collections_short() -> None:
+async def _keep_collections_short(thaw_every: float) -> None:
     """Caches of hundreds of thousands of answers make a full garbage collection last 100 ms and more: queries
     wait, the socket buffer fills. So every few seconds the young objects are collected and the survivors frozen
-    (gc.freeze: never scanned again, still freed when no longer referenced); once an hour everything is thawed and
-    collected, for the rare cycle that formed among frozen objects."""
+    (gc.freeze: never scanned again, still freed when no longer referenced); every `thaw_every` seconds everything
+    is thawed and collected, for cycles that formed among frozen objects (mitmproxy's flows make some: a process
+    running the proxy thaws every minute, a DNS-only one every hour)."""
     gc.collect()
     gc.freeze()
     since_thaw = 0.0
     while True:
         await asyncio.sleep(FREEZE_EVERY_SECONDS)
         since_thaw += FREEZE_EVERY_SECONDS
-        if since_thaw >= THAW_EVERY_SECONDS:
+        if since_thaw >= thaw_every:
             gc.unfreeze()
             since_thaw = 0.0
         gc.collect()
