@@ -17,6 +17,19 @@ from dnslib import QTYPE, RR, A, DNSRecord
 
 from tests.conftest import REPO
 
+# The start of every DNS test's rules.yaml: one city list (games.txt) and the bundled bypass list always blocked.
+RULES_PREAMBLE = """
+timezone: Europe/Paris
+lists:
+  games: {source: games.txt, format: domains}
+categories:
+  games: [games]
+  bypass: [vigie/dns-bypass]
+always_block: [bypass]
+devices:
+  unknown: refuse
+"""
+
 
 class UpstreamServer:
     """A UDP DNS server on 127.0.0.1 that answers every A question with `address`; records what it was asked.

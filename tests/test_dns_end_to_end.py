@@ -13,20 +13,11 @@ import pytest
 from dnslib import QTYPE, RCODE, DNSRecord
 
 from tests.conftest import free_port, write_tree
-from tests.dns_servers import UpstreamServer, VigieProcess, dig
+from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
-RULES = """
-timezone: Europe/Paris
+RULES = RULES_PREAMBLE + """
 server:
   dns: {rate_limit: off}   # the reload test's query loop runs faster than any tablet
-lists:
-  games: {source: games.txt, format: domains}
-categories:
-  games: [games]
-  bypass: [vigie/dns-bypass]
-always_block: [bypass]
-devices:
-  unknown: refuse
 groups:
   school: {networks: [127.0.0.1/32], profile: class}
 profiles:

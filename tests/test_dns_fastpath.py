@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from dns_resolver.fastpath import ReplyCache, read_plain_query, ttl_offsets
 from tests.conftest import free_port, write_tree
-from tests.dns_servers import UpstreamServer, VigieProcess, dig
+from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=20)
 NAMES = st.lists(LABEL, min_size=1, max_size=5).map(".".join)
@@ -80,16 +80,7 @@ def test_a_cached_reply_keeps_the_askers_id_and_case_and_ages_its_ttls() -> None
     assert aged is not None and DNSRecord.parse(aged[0]).rr[0].ttl == 299
 
 
-RULES = """
-timezone: Europe/Paris
-lists:
-  games: {source: games.txt, format: domains}
-categories:
-  games: [games]
-  bypass: [vigie/dns-bypass]
-always_block: [bypass]
-devices:
-  unknown: refuse
+RULES = RULES_PREAMBLE + """
 groups:
   school: {addresses: [127.0.0.1], profile: class}
   home: {addresses: [127.0.0.3], profile: home}
