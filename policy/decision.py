@@ -61,7 +61,7 @@ class Decision:
     until: datetime | None = None
     rewrite_to: str | None = None
     search_portal: str | None = None
-    counts_screen_time: bool = True
+    counts_screen_time: bool = False  # the device's current minute counts against a screen-time budget
     trail: tuple[str, ...] = ()
 
     @property

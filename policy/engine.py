@@ -13,7 +13,8 @@ Precedence, first that applies wins (README, "How Vigie decides"):
  9. safe search: the provider's enforced endpoint
 10. allow
 A decision holds until the next schedule change, the expiry of an override that shaped it, or midnight for screen
-time: fronts may cache it until `until`.
+time, or the soonest a budget can run out (a device uses at most one minute per minute): fronts may cache it until
+`until`.
 """
 
 from __future__ import annotations
@@ -43,16 +44,17 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
     until = in_force.until
     masks = snapshot.lists.lookup_domain(host)
     background = bool(masks & snapshot.background_mask)
+    metered = profile.screen_time_minutes is not None and not background
 
     def decision(action: Action, reason: Reason, explanation: str, *, rule: str | None = None,
                  categories: tuple[str, ...] = (), lists: int = 0, valid_until: datetime | None = None,
-                 rewrite_to: str | None = None) -> Decision:
+                 rewrite_to: str | None = None, counts: bool = True) -> Decision:
         trail.append(explanation)
         return Decision(
             action=action, reason=reason, explanation=explanation, group=client.group, device=client.device,
             profile=profile.name, categories=categories, lists=tuple(snapshot.lists.refs_in(lists)), rule=rule,
             until=_earliest(until, valid_until),
-            rewrite_to=rewrite_to, search_portal=profile.search_portal, counts_screen_time=not background,
+            rewrite_to=rewrite_to, search_portal=profile.search_portal, counts_screen_time=metered and counts,
             trail=tuple(trail),
         )
 
@@ -98,11 +100,16 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
 
     # 5. screen time
     budget = profile.screen_time_minutes
-    if budget is not None and not background and state.minutes_used(client.device) >= budget:
-        return decision(Action.BLOCK, Reason.SCREEN_TIME,
-                        f"screen time used up: {state.minutes_used(client.device)} of {budget} minutes today "
-                        f"(profile {profile.name})", rule=f"profiles.{profile.name}.screen_time",
-                        valid_until=_next_midnight(at, snapshot))
+    if budget is not None and metered and client.device is not None:
+        used = state.minutes_used(client.device, at.astimezone(snapshot.clock.zone).date())
+        if used >= budget:
+            return decision(Action.BLOCK, Reason.SCREEN_TIME,
+                            f"screen time used up: {used} of {budget} minutes today (profile {profile.name})",
+                            rule=f"profiles.{profile.name}.screen_time", valid_until=_next_midnight(at, snapshot),
+                            counts=False)
+        # Whatever follows holds at least until the budget could run out.
+        until = _earliest(until, at.replace(second=0, microsecond=0) + timedelta(minutes=budget - used))
+        trail.append(f"screen time: {used} of {budget} minutes used today")
 
     # 6. always-blocked categories
     for name, mask in snapshot.always_block:

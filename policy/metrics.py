@@ -85,3 +85,11 @@ PROXY_REQUESTS = Counter("vigie_proxy_requests", "HTTP requests decided by the p
 PROXY_TLS = Counter("vigie_proxy_tls_connections", "TLS connections by handling (passthrough, intercept)",
                     ["handling"])
 BLOCK_PAGES = Counter("vigie_block_pages", "Block pages served by the proxy, by reason", ["reason"])
+STATE_STORE_UP = Gauge("vigie_state_store_up", "1 while the state store (overrides, screen time) answers, else 0")
+STATE_STORE_ERRORS = Counter("vigie_state_store_errors", "Failed exchanges with the state store, by operation",
+                             ["operation"])
+OVERRIDES_ACTIVE = Gauge("vigie_overrides_active", "Teacher overrides in force")
+USAGE_MINUTES_PENDING = Gauge("vigie_usage_minutes_pending",
+                              "Used minutes counted in memory, not yet written to the state store")
+STATE_AGE = Gauge("vigie_state_age_seconds", "Age of the state view the fronts decide with (grows while the store "
+                  "is away)")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 
 import pytest
@@ -121,6 +121,7 @@ EXPIRED = StateView(overrides=(
     Override("o4", OverrideKind.ALLOW, "cm2-a", None, "roblox.com", paris("2026-11-23 13:00"), "M. Durand"),))
 SPENT = StateView(minutes_used_today={"tab-01": 90})
 NEARLY_SPENT = StateView(minutes_used_today={"tab-01": 89})
+SPENT_YESTERDAY = StateView(minutes_used_today={"tab-01": 90}, day=date(2026, 11, 22))
 
 CASES = [
     Case("a name on a blocked category list is blocked with its category", SCHOOL, "tiktok.com", MONDAY_CLASS,
@@ -155,8 +156,8 @@ CASES = [
          "2026-11-23 18:00", Action.REWRITE, Reason.SAFE_SEARCH, rewrite_to="restrictmoderate.youtube.com"),
     Case("games are blocked at school", SCHOOL, "roblox.com", MONDAY_CLASS, Action.BLOCK, Reason.CATEGORY,
          ("games",)),
-    Case("games are allowed at home where the profile does not block them", TABLET, "roblox.com",
-         "2026-11-23 18:00", Action.ALLOW, Reason.DEFAULT, until="2026-11-23 20:30"),
+    Case("games are allowed at home where the profile does not block them (until the 90 minutes could be spent)",
+         TABLET, "roblox.com", "2026-11-23 18:00", Action.ALLOW, Reason.DEFAULT, until="2026-11-23 19:30"),
     # schedule edges
     Case("the last minute of class is still school", SCHOOL, "roblox.com", "2026-11-23 16:39", Action.BLOCK,
          Reason.CATEGORY, ("games",)),
@@ -206,8 +207,10 @@ CASES = [
          Reason.CATEGORY, ("games",), state=EXPIRED),
     Case("a spent screen-time budget blocks at home until the night profile starts", TABLET, "wikipedia.org",
          "2026-11-23 18:00", Action.BLOCK, Reason.SCREEN_TIME, until="2026-11-23 20:30", state=SPENT),
-    Case("one minute left is still allowed", TABLET, "wikipedia.org", "2026-11-23 18:00", Action.ALLOW,
-         Reason.DEFAULT, state=NEARLY_SPENT),
+    Case("one minute left is still allowed, until the end of the minute", TABLET, "wikipedia.org",
+         "2026-11-23 18:00:20", Action.ALLOW, Reason.DEFAULT, until="2026-11-23 18:01", state=NEARLY_SPENT),
+    Case("yesterday's minutes do not count today", TABLET, "wikipedia.org", "2026-11-23 18:00", Action.ALLOW,
+         Reason.DEFAULT, state=SPENT_YESTERDAY),
     Case("background services stay reachable when screen time is spent", TABLET, "mesu.apple.com",
          "2026-11-23 18:00", Action.ALLOW, Reason.DEFAULT, state=SPENT),
     Case("allowed school services stay reachable when screen time is spent", TABLET, "lumni.fr",
@@ -243,11 +246,15 @@ def test_unknown_clients_are_refused_when_rules_say_so(tmp_path: Path) -> None:
     assert decision.action is Action.REFUSE
 
 
-def test_background_traffic_does_not_count_for_screen_time(city: Snapshot) -> None:
+def test_only_foreground_use_under_a_budget_counts_for_screen_time(city: Snapshot) -> None:
     client = city.identify(TABLET)
     at = paris("2026-11-23 18:00")
-    assert not decide(Query(client, "mesu.apple.com", at), city, EMPTY_STATE).counts_screen_time
     assert decide(Query(client, "wikipedia.org", at), city, EMPTY_STATE).counts_screen_time
+    assert not decide(Query(client, "mesu.apple.com", at), city, EMPTY_STATE).counts_screen_time, "background"
+    assert not decide(Query(client, "wikipedia.org", paris(MONDAY_CLASS)), city, EMPTY_STATE).counts_screen_time, \
+        "the school profile has no budget: class time does not use up the evening's"
+    assert not decide(Query(client, "wikipedia.org", at), city, SPENT).counts_screen_time, \
+        "knocking at a spent budget is not screen time"
 
 
 def test_device_identification_beats_the_network(city: Snapshot) -> None:
