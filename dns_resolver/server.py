@@ -76,16 +76,18 @@ class DnsFront:
     """Protocol-independent handling of one query; the UDP and TCP servers below only move bytes."""
 
     def __init__(self, current_snapshot: Callable[[], Snapshot], current_state: Callable[[], StateView],
-                 upstreams: UpstreamPool, clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 rate_limit: int = 0) -> None:
+                 upstreams: UpstreamPool, count_minute: Callable[[str], None] = lambda device: None,
+                 rate_limit: int = 0, clock: Callable[[], float] = time.time) -> None:
         self.current_snapshot = current_snapshot
         self.current_state = current_state
+        self.count_minute = count_minute  # the device's current minute counts as screen time
         self.upstreams = upstreams
         self.clock = clock
-        self._decisions: OrderedDict[tuple[int, str, str | None, str], Decision] = OrderedDict()
+        self._decisions: OrderedDict[tuple[int, int, str, str | None, str], Decision] = OrderedDict()
         self.forwarder = Forwarder(upstreams)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
         self._clients: dict[str, tuple[int, Client | None]] = {}
+        self._sharing: dict[str, tuple[int, int, float, bool]] = {}
         self.replies = ReplyCache()
 
     def client_of(self, address: str, snapshot: Snapshot) -> Client | None:
@@ -100,10 +102,19 @@ class DnsFront:
         self._clients[address] = (snapshot.generation, client)
         return client
 
-    def shared_state_is_empty(self) -> bool:
-        """Whether no override or screen-time count exists: decisions then depend on the group and time only."""
-        state = self.current_state()
-        return not state.overrides and not state.minutes_used_today
+    def shares_answers(self, group: str, snapshot: Snapshot, state: StateView, now: float) -> bool:
+        """Whether every device of `group` gets the same answers right now, so one reply cache serves them all:
+        no override for the group and no screen-time budget in its profile in force (both make answers depend
+        on the device, and a budget needs each request counted). Remembered until the profile changes."""
+        known = self._sharing.get(group)
+        if known is not None and known[0] == snapshot.generation and known[1] == state.version and now < known[2]:
+            return known[3]
+        in_force = snapshot.profile_in_force(group, datetime.fromtimestamp(now, UTC))
+        shares = group not in state.override_groups and \
+            snapshot.profiles[in_force.profile].profile.screen_time_minutes is None
+        until = in_force.until.timestamp() if in_force.until else float("inf")
+        self._sharing[group] = (snapshot.generation, state.version, until, shares)
+        return shares
 
     async def handle(self, packet: bytes, client_address: str) -> Answered | None:
         started = time.perf_counter()
@@ -120,7 +131,9 @@ class DnsFront:
             snapshot = self.current_snapshot()
             client = self.client_of(client_address, snapshot)
             reply, labels = await self._answer(request, client, snapshot)
-            view = (snapshot.generation, client.group) if client else None
+            if client is not None and self.shares_answers(client.group, snapshot, self.current_state(),
+                                                          self.clock()):
+                view = (snapshot.generation, client.group)
         except Exception:
             log.exception("internal error answering a query; answered SERVFAIL")
             DNS_ERRORS.labels("internal").inc()
@@ -139,8 +152,8 @@ class DnsFront:
         except NameRejected:
             DNS_ERRORS.labels("formerr").inc()
             return _Reply(_rcode_reply(request, RCODE.FORMERR)), ("", "", "")
-        now = self.clock()
-        decision, cacheable = self._decision(snapshot, client, name, now)
+        now = datetime.fromtimestamp(self.clock(), UTC)
+        decision = self._decision(snapshot, client, name, now)
         labels = (client.group, decision.action.value, decision.reason.value)
         QUERIES.inc(*labels)
         ttl_cap = self._ttl_cap(decision, snapshot, now)
@@ -156,23 +169,23 @@ class DnsFront:
             reply = await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
         else:
             reply = await self._forward(request, ttl_cap)
-        return (reply if cacheable else _Reply(reply.record)), labels
+        return reply, labels
 
-    def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> tuple[Decision, bool]:
-        """Decisions are cached per (generation, group, device, name) until they expire, while no shared state
-        (override, screen time) can change them. Returns the decision and whether it was cacheable."""
-        key = (snapshot.generation, client.group, client.device, name)
-        cached = self._decisions.get(key)
-        if cached is not None and (cached.until is None or now < cached.until):
-            return cached, True
+    def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Decision:
+        """Decisions are cached per (rules generation, overrides version, group, device, name) until they expire
+        (a decision under a screen-time budget expires when the budget could run out); a request that counts as
+        screen time marks the device's minute."""
         state = self.current_state()
-        decision = decide(Query(client, name, now), snapshot, state)
-        cacheable = not state.overrides and not state.minutes_used_today
-        if cacheable:
+        key = (snapshot.generation, state.version, client.group, client.device, name)
+        decision = self._decisions.get(key)
+        if decision is None or (decision.until is not None and now >= decision.until):
+            decision = decide(Query(client, name, now), snapshot, state)
             self._decisions[key] = decision
             if len(self._decisions) > MAX_DECISION_CACHE:
                 self._decisions.popitem(last=False)
-        return decision, cacheable
+        if decision.counts_screen_time and client.device is not None:
+            self.count_minute(client.device)
+        return decision
 
     def _block_reply(self, request: DNSRecord, decision: Decision, snapshot: Snapshot, ttl: int) -> DNSRecord:
         settings = snapshot.rules.server.dns
@@ -248,8 +261,9 @@ class DnsFront:
         name = _plain_name(query.question)
         if client is None or name is None:
             return None
-        now = self.clock()
-        decision, cacheable = self._decision(snapshot, client, name, now)
+        timestamp = self.clock()
+        now = datetime.fromtimestamp(timestamp, UTC)
+        decision = self._decision(snapshot, client, name, now)
         if decision.action is not Action.ALLOW:
             return None
         labels = (client.group, decision.action.value, decision.reason.value)
@@ -264,8 +278,10 @@ class DnsFront:
             return Answered(_servfail(packet, query))
         reply = client_reply(packet, query, upstream, ttl_cap)
         DNS_LATENCY.observe(time.perf_counter() - started)
-        lifetime = min(upstream.lifetime, ttl_cap) if cacheable and upstream.offsets else 0.0
-        return Answered(reply, lifetime, labels, (snapshot.generation, client.group), from_upstream=True)
+        lifetime = min(upstream.lifetime, ttl_cap) if upstream.offsets else 0.0
+        shared = self.shares_answers(client.group, snapshot, self.current_state(), timestamp)
+        return Answered(reply, lifetime, labels, (snapshot.generation, client.group) if shared else None,
+                        from_upstream=True)
 
     @staticmethod
     def _ttl_cap(decision: Decision, snapshot: Snapshot, now: datetime) -> int:
@@ -381,7 +397,8 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             front = self.front
             snapshot = front.current_snapshot()
             client = front.client_of(addr[0], snapshot)
-            if client is not None and front.shared_state_is_empty():
+            if client is not None and front.shares_answers(client.group, snapshot, front.current_state(),
+                                                           front.clock()):
                 hit = front.replies.reply((snapshot.generation, client.group), query, data)
                 if hit is not None:
                     self.transport.sendto(hit[0], addr)

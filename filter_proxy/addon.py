@@ -61,9 +61,11 @@ def normalize_host(raw: str) -> str | None:
 
 class VigieAddon:
     def __init__(self, snapshot: Callable[[], Snapshot], state: Callable[[], StateView], *,
-                 block_page_for_https: bool = True, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 count_minute: Callable[[str], None] = lambda device: None, block_page_for_https: bool = True,
+                 now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._snapshot = snapshot
         self._state = state
+        self._count_minute = count_minute  # the device's current minute counts as screen time
         self._now = now
         self.block_page_for_https = block_page_for_https
         self._connections: dict[str, KnownConnection] = {}
@@ -127,7 +129,7 @@ class VigieAddon:
             self._block(flow, host, decision, snapshot, at, status=421)
             return
         url = f"{flow.request.scheme}://{host}{flow.request.path}"
-        decision = decide(Query(client, host, at, flow.request.path, url), snapshot, self._state())
+        decision = self._counted(decide(Query(client, host, at, flow.request.path, url), snapshot, self._state()))
         PROXY_REQUESTS.labels(decision.group or "unknown", decision.action.value, decision.reason.value).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
             self._block(flow, host, decision, snapshot, at)
@@ -173,7 +175,12 @@ class VigieAddon:
         return None, http.Response.make(403, b"this device is not allowed to use the Vigie proxy\n")
 
     def _decide(self, client: Client, host: str, snapshot: Snapshot) -> Decision:
-        return decide(Query(client, host, self._now()), snapshot, self._state())
+        return self._counted(decide(Query(client, host, self._now()), snapshot, self._state()))
+
+    def _counted(self, decision: Decision) -> Decision:
+        if decision.counts_screen_time and decision.device is not None:
+            self._count_minute(decision.device)
+        return decision
 
     @staticmethod
     def _needs_inspection(host: str, decision: Decision, snapshot: Snapshot) -> bool:

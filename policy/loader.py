@@ -24,6 +24,7 @@ from blocklists.names import normalize_domain
 from blocklists.update import UpdatePolicy
 from policy.errors import ConfigError, ConfigProblem, Severity
 from policy.model import (
+    ApiSettings,
     BlockAnswer,
     Category,
     DateRange,
@@ -45,6 +46,7 @@ from policy.model import (
     TimeRange,
     UrlRule,
 )
+from policy.state_store import StoreAddress
 from policy.yaml_reader import Field, Problems
 
 WEEKDAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6,
@@ -262,17 +264,18 @@ class _RulesReader:
         return field.converted(check, "Europe/Paris") or "Europe/Paris"
 
     def _server(self, field: Field) -> ServerSettings:
-        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists"))
+        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists", "api"))
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
         proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page")) if "proxy" in keys else {}
         proxy_mode = proxy["mode"].choice(("regular", "transparent")) if "mode" in proxy else None
         https_block_page = proxy["https_block_page"].boolean() if "https_block_page" in proxy else None
         metrics = keys["metrics"].mapping(("listen",)) if "metrics" in keys else {}
-        state = keys["state"].text("sqlite:///var/lib/vigie/state.sqlite3") if "state" in keys else None
-        if state is not None and not state.startswith(("sqlite:///", "redis://")):
-            keys["state"].error(f"{state!r} is not a state store (sqlite:///path or redis://host:port/db)")
         data_dir = keys["data_dir"].text("/var/lib/vigie") if "data_dir" in keys else None
+        data_path = self.base_dir / (data_dir or defaults.data_dir)
+        state = keys["state"].converted(lambda text: StoreAddress.parse(text, self.base_dir),
+                                        "sqlite:///var/state.sqlite3, redis://127.0.0.1:6379/0") \
+            if "state" in keys else None
         return ServerSettings(
             dns=dns,
             proxy_listen=(proxy["listen"].converted(parse_listen, "127.0.0.1:8080") if "listen" in proxy else None)
@@ -281,10 +284,22 @@ class _RulesReader:
                             if "listen" in metrics else None) or defaults.metrics_listen,
             proxy_mode=proxy_mode or defaults.proxy_mode,
             https_block_page=defaults.https_block_page if https_block_page is None else https_block_page,
-            state=state or defaults.state,
-            data_dir=str(self.base_dir / data_dir) if data_dir else str(self.base_dir / defaults.data_dir),
+            state=state or StoreAddress("sqlite", str(data_path / "state.sqlite3")),
+            data_dir=str(data_path),
+            api=self._api(keys["api"], data_path) if "api" in keys else ApiSettings(
+                token_file=str(data_path / "api-token")),
             list_updates=self._list_updates(keys["lists"]) if "lists" in keys else defaults.list_updates,
         )
+
+    def _api(self, field: Field, data_path: Path) -> ApiSettings:
+        keys = field.mapping(("listen", "token_file"))
+        listen = ApiSettings.listen
+        if "listen" in keys:
+            text = keys["listen"].text("127.0.0.1:9180")
+            listen = None if text == "off" else keys["listen"].converted(parse_listen, "127.0.0.1:9180, or off")
+        token_file = keys["token_file"].text("/etc/vigie/api-token") if "token_file" in keys else None
+        return ApiSettings(listen=listen,
+                           token_file=str(self.base_dir / token_file) if token_file else str(data_path / "api-token"))
 
     def _list_updates(self, field: Field) -> UpdatePolicy:
         keys = field.mapping(("refresh", "timeout", "max_size", "max_shrink"))

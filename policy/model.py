@@ -11,6 +11,7 @@ from pathlib import Path
 from blocklists.bundled_data import SafeSearchLevel
 from blocklists.formats import ListFormat
 from blocklists.update import UpdatePolicy
+from policy.state_store import StoreAddress
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -173,13 +174,22 @@ class DnsSettings:
 
 
 @dataclass(frozen=True)
+class ApiSettings:
+    """The admin API (overrides, usage): token-protected, on loopback unless the admin says otherwise."""
+
+    listen: str | None = "127.0.0.1:9180"  # None: off
+    token_file: str = "var/api-token"
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     proxy_listen: str = "127.0.0.1:8080"
     proxy_mode: str = "regular"  # or "transparent", behind a firewall redirect
     https_block_page: bool = True  # intercept blocked HTTPS to show the page (else the CONNECT is refused)
     metrics_listen: str = "127.0.0.1:9108"
-    state: str = "sqlite:///var/vigie-state.sqlite3"
+    state: StoreAddress = field(default_factory=lambda: StoreAddress("sqlite", "var/state.sqlite3"))
+    api: ApiSettings = field(default_factory=ApiSettings)
     data_dir: str = "var"
     list_updates: UpdatePolicy = field(default_factory=UpdatePolicy)
 

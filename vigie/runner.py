@@ -35,7 +35,8 @@ from policy.loader import load_rules, parse_listen, parse_workers
 from policy.metrics import LIST_DOMAINS, LIST_LAST_SUCCESS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
 from policy.model import DnsSettings, ServerSettings
 from policy.snapshot import ListCache, Snapshot
-from policy.state import EMPTY_STATE, StateView
+from policy.state_keeper import StateKeeper
+from policy.state_store import open_store
 from vigie.lists_cli import describe, record, remote_specs
 from vigie.loading import load_snapshot, watched_files
 
@@ -231,27 +232,30 @@ def run_ca(args: argparse.Namespace) -> int:
 
 async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> int:
     loop = asyncio.get_running_loop()
-    state: StateView = EMPTY_STATE
+    settings = holder.snapshot.rules.server
+    # The store is chosen at start (like listening addresses); each process keeps its own view of it.
+    keeper = StateKeeper(lambda: open_store(settings.state), lambda: holder.snapshot.clock.zone,
+                         Path(settings.data_dir) / "state-spool")
+    await asyncio.to_thread(keeper.start)
     listening: list[str] = []
     dns_servers: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
     proxy = None
     front = None
     if fronts.dns is not None:
-        front = DnsFront(lambda: holder.snapshot, lambda: state, UpstreamPool(fronts.dns.upstreams),
-                         rate_limit=fronts.dns.rate_limit)
+        front = DnsFront(lambda: holder.snapshot, lambda: keeper.view, UpstreamPool(fronts.dns.upstreams),
+                         count_minute=keeper.usage.record, rate_limit=fronts.dns.rate_limit)
         dns_servers = await start_dns_servers(front, fronts.dns.listen, shared=fronts.dns.workers > 1)
         listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
                          f"upstreams {', '.join(fronts.dns.upstreams)}")
     if fronts.proxy_listen is not None:
         # Imported here: mitmproxy weighs ~60 MB, which a DNS-only worker does not carry.
         from filter_proxy.addon import VigieAddon
+        from filter_proxy.ca import ensure_ca
         from filter_proxy.server import start_proxy
 
-        settings = holder.snapshot.rules.server
-        from filter_proxy.ca import ensure_ca
-
         ca = ensure_ca(Path(settings.data_dir))
-        addon = VigieAddon(lambda: holder.snapshot, lambda: state, block_page_for_https=settings.https_block_page)
+        addon = VigieAddon(lambda: holder.snapshot, lambda: keeper.view, count_minute=keeper.usage.record,
+                           block_page_for_https=settings.https_block_page)
         proxy = await start_proxy(addon, fronts.proxy_listen, fronts.proxy_mode, ca.confdir, fronts.proxy_options)
         listening.append(f"proxy on {fronts.proxy_listen} ({fronts.proxy_mode}; CA certificate {ca.pem})")
     metrics = "off"
@@ -282,7 +286,9 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         loop.add_signal_handler(signal.SIGUSR1, update_now.set)
         tasks.append(asyncio.create_task(_refresh_lists(holder, update_now)))
         snapshot = holder.snapshot
-        print(f"vigie: {'; '.join(listening)}; metrics {metrics}; rules {snapshot.rules.source} "
+        print(f"vigie: {'; '.join(listening)}; metrics {metrics}; state {settings.state}"
+              f"{'' if keeper.store_up else ' (UNREACHABLE: deciding without overrides until it answers)'}; "
+              f"rules {snapshot.rules.source} "
               f"({len(snapshot.rules.groups)} groups, {len(snapshot.lists.domains)} listed domains); "
               "reload: edit the files or send SIGHUP; update the lists: SIGUSR1", flush=True)
     await stop.wait()
@@ -294,6 +300,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         front.upstreams.close()
     if proxy is not None:
         await proxy.stop()
+    await asyncio.to_thread(keeper.stop)
     if len(workers) < started_workers:
         return 1
     log.info("stopped")
