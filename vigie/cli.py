@@ -1,4 +1,5 @@
-"""The `vigie` command line: check, explain, run, dns, lists. It wires the layers and holds no filtering logic."""
+"""The `vigie` command line: check, explain, run, dns, proxy, lists, override, usage. It wires the layers and holds
+no filtering logic."""
 
 from __future__ import annotations
 
@@ -55,9 +56,11 @@ def _parser() -> argparse.ArgumentParser:
 
     from vigie.lists_cli import add_lists_commands
     from vigie.runner import add_run_commands
+    from vigie.state_cli import add_state_commands
 
     add_run_commands(commands)
     add_lists_commands(commands)
+    add_state_commands(commands)
     return parser
 
 

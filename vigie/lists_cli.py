@@ -15,11 +15,10 @@ from blocklists.errors import ListError
 from blocklists.sources import LoadedSource, SourceSpec, is_remote, load_source
 from blocklists.update import UpdateOutcome, UpdateResult, read_state, update_lock, update_source
 from policy.errors import ConfigError
-from policy.loader import load_rules
 from policy.metrics import LIST_LAST_SUCCESS, LIST_UPDATES
 from policy.model import Rules
 from policy.snapshot import source_spec
-from vigie.loading import load_snapshot
+from vigie.loading import load_snapshot, rules_or_report
 
 
 def add_lists_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -36,16 +35,6 @@ def add_lists_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     stats = actions.add_parser("stats", help="each source's categories with their size, and the sources' age")
     stats.add_argument("--rules", type=Path, default=Path("rules.yaml"))
     stats.set_defaults(handler=run_lists_stats)
-
-
-def _rules(path: Path) -> Rules | None:
-    try:
-        return load_rules(path).rules
-    except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
-        print(f"{path}: fix the rules first (`vigie check {path}`)", file=sys.stderr)
-        return None
 
 
 def remote_specs(rules: Rules, only: Sequence[str] | None = None) -> list[SourceSpec]:
@@ -70,7 +59,7 @@ def describe(outcome: UpdateOutcome) -> str:
 
 
 def run_lists_update(args: argparse.Namespace) -> int:
-    rules = _rules(args.rules)
+    rules = rules_or_report(args.rules)
     if rules is None:
         return 1
     unknown = sorted(set(args.source or ()) - {s.name for s in rules.lists})
@@ -130,7 +119,7 @@ def _source_heading(spec: SourceSpec, zone: ZoneInfo, now: float) -> str:
 
 
 def run_lists_stats(args: argparse.Namespace) -> int:
-    rules = _rules(args.rules)
+    rules = rules_or_report(args.rules)
     if rules is None:
         return 1
     zone, now = ZoneInfo(rules.timezone), time.time()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from policy.errors import ConfigProblem
+from policy.errors import ConfigError, ConfigProblem
 from policy.loader import load_rules
+from policy.model import Rules
 from policy.snapshot import ListCache, Snapshot, build_snapshot
 
 
@@ -23,6 +25,17 @@ def load_snapshot(rules_path: Path, cache: ListCache | None = None, generation: 
     snapshot, problems = build_snapshot(loaded.rules, cache or ListCache(), generation, datetime.now(UTC),
                                         loaded.warnings)
     return Loaded(snapshot, problems)
+
+
+def rules_or_report(path: Path) -> Rules | None:
+    """The validated rules, or None after printing every problem (for commands that only need the rules)."""
+    try:
+        return load_rules(path).rules
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        print(f"{path}: fix the rules first (`vigie check {path}`)", file=sys.stderr)
+        return None
 
 
 def watched_files(snapshot: Snapshot) -> list[Path]:
