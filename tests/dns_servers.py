@@ -136,7 +136,8 @@ class VigieProcess(RunningVigie):
         self.metrics_port = metrics_port
         super().__init__(["dns", "--rules", str(rules), "--dns-listen", f"127.0.0.1:{dns_port}",
                           "--upstream", f"127.0.0.1:{upstream_port}",
-                          "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off", *extra],
+                          "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off",
+                          *(extra if "--api-listen" in extra else ("--api-listen", "off", *extra))],
                          rules.parent / "vigie.log")
 
 

@@ -101,7 +101,8 @@ class ProxyProcess(RunningVigie):
         self.data_dir = rules.parent / "var"
         super().__init__(["proxy", "--rules", str(rules), "--proxy-listen", f"127.0.0.1:{port}",
                           "--metrics-listen", "off", "--set", f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
-                          "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}", *extra],
+                          "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}",
+                          *(extra if "--api-listen" in extra else ("--api-listen", "off", *extra))],
                          rules.parent / "proxy.log",
                          {"VIGIE_TEST_ORIGIN_HTTP": str(origin.http.server_port),
                           "VIGIE_TEST_ORIGIN_HTTPS": str(origin.https.server_port)})

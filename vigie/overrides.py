@@ -132,3 +132,12 @@ def budgets_now(rules: Rules, at: datetime) -> dict[str, int | None]:
     clock = ScheduleClock(rules.timezone, rules.holidays)
     return {name: rules.profiles[clock.profile_for(group, rules.schedules, at).profile].screen_time_minutes
             for name, group in rules.groups.items()}
+
+
+def report_to_json(report: UsageReport) -> dict[str, object]:
+    return {"day": report.day.isoformat(),
+            "groups": [{"group": g.group, "devices": g.devices, "active": g.active, "total_minutes": g.total_minutes,
+                        "most_minutes": g.most_minutes, "budget_now": g.budget_now, "spent": g.spent}
+                       for g in report.groups],
+            **({"devices": [{"group": group, "device": device, "minutes": minutes}
+                            for group, device, minutes in report.devices]} if report.devices else {})}

@@ -129,6 +129,7 @@ def add_run_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
             command.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
                                  help="a mitmproxy option, e.g. --set ssl_verify_upstream_trusted_ca=/path/ca.pem")
         command.add_argument("--metrics-listen", help="address:port, or `off` (overrides server.metrics.listen)")
+        command.add_argument("--api-listen", help="address:port, or `off` (overrides server.api.listen)")
         command.set_defaults(handler=run_services, fronts=fronts.split())
     ca = commands.add_parser("ca", help="create the proxy's certificate authority if needed and show its files")
     ca.add_argument("--rules", type=Path, default=Path("rules.yaml"))
@@ -144,6 +145,7 @@ class Fronts:
     proxy_mode: str
     proxy_options: tuple[str, ...]
     metrics_listen: str | None
+    api_listen: str | None
     worker: int = 0  # 0: the main process (proxy, list updates); 1..n-1: extra DNS workers
 
 
@@ -163,11 +165,13 @@ def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
             proxy_listen = parse_listen(args.proxy_listen) if args.proxy_listen else settings.proxy_listen
         metrics_listen = None if args.metrics_listen == "off" else \
             parse_listen(args.metrics_listen) if args.metrics_listen else settings.metrics_listen
+        api_listen = None if args.api_listen == "off" else \
+            parse_listen(args.api_listen) if args.api_listen else settings.api.listen
     except ValueError as exc:
         raise VigieError(f"bad value on the command line: {exc} (example: --dns-listen 127.0.0.1:5353, "
                          "--workers 2)") from None
     return Fronts(dns, proxy_listen, getattr(args, "proxy_mode", None) or settings.proxy_mode,
-                  tuple(getattr(args, "set", ())), metrics_listen)
+                  tuple(getattr(args, "set", ())), metrics_listen, api_listen)
 
 
 def run_services(args: argparse.Namespace) -> int:
@@ -258,6 +262,14 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
                            block_page_for_https=settings.https_block_page)
         proxy = await start_proxy(addon, fronts.proxy_listen, fronts.proxy_mode, ca.confdir, fronts.proxy_options)
         listening.append(f"proxy on {fronts.proxy_listen} ({fronts.proxy_mode}; CA certificate {ca.pem})")
+    api = None
+    if fronts.worker == 0 and fronts.api_listen is not None:
+        from vigie.api import AdminApi, ensure_token
+
+        api = AdminApi(fronts.api_listen, ensure_token(Path(settings.api.token_file)), lambda: holder.snapshot.rules,
+                       lambda: open_store(settings.state))
+        api.start()
+        listening.append(f"admin API on http://{fronts.api_listen}/v1/ (token in {settings.api.token_file})")
     metrics = "off"
     if fronts.metrics_listen:
         host, _, port = fronts.metrics_listen.rpartition(":")
@@ -300,6 +312,8 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         front.upstreams.close()
     if proxy is not None:
         await proxy.stop()
+    if api is not None:
+        await asyncio.to_thread(api.stop)
     await asyncio.to_thread(keeper.stop)
     if len(workers) < started_workers:
         return 1

@@ -17,7 +17,14 @@ from policy.model import Rules
 from policy.state import Override, OverrideKind
 from policy.state_store import StateStore, open_store, override_to_json
 from vigie.loading import rules_or_report
-from vigie.overrides import OverrideRequest, UsageReport, budgets_now, make_override, usage_report
+from vigie.overrides import (
+    OverrideRequest,
+    UsageReport,
+    budgets_now,
+    make_override,
+    report_to_json,
+    usage_report,
+)
 
 
 def add_state_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -138,15 +145,6 @@ def run_usage(args: argparse.Namespace) -> int:
     report = usage_report(rules, minutes, day, budgets_now(rules, now), with_devices=args.devices)
     print(json.dumps(report_to_json(report)) if args.json else format_report(report))
     return 0
-
-
-def report_to_json(report: UsageReport) -> dict[str, object]:
-    return {"day": report.day.isoformat(),
-            "groups": [{"group": g.group, "devices": g.devices, "active": g.active, "total_minutes": g.total_minutes,
-                        "most_minutes": g.most_minutes, "budget_now": g.budget_now, "spent": g.spent}
-                       for g in report.groups],
-            **({"devices": [{"group": group, "device": device, "minutes": minutes}
-                            for group, device, minutes in report.devices]} if report.devices else {})}
 
 
 def format_report(report: UsageReport) -> str:
