@@ -55,6 +55,7 @@ class StateKeeper:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._flushed_at = 0.0
+        self._writes_failing = False
         self._store_minutes: dict[str, int] = {}
         self._store_day: date | None = None
         STATE_AGE.set_function(lambda: self._clock() - self.refreshed_at if self.refreshed_at else 0.0)
@@ -104,7 +105,8 @@ class StateKeeper:
             if self._clock() - self._flushed_at >= self.flush_seconds:
                 self._flush()
             self._read(store)
-            self._came_back()
+            if not self._writes_failing:  # a store that reads but refuses writes (locked, full) is not back
+                self._came_back()
         except StoreUnavailable as exc:
             self._went_down("read", exc)
             self._publish(self.view.overrides, self.view.version)
@@ -121,12 +123,15 @@ class StateKeeper:
         pending = self.usage.take_pending()
         if not pending:
             self._flushed_at = self._clock()
+            self._writes_failing = False
             return
         try:
             self._connected().add_usage(pending)
             self._flushed_at = self._clock()
+            self._writes_failing = False
         except StoreUnavailable as exc:
             self.usage.give_back(pending)
+            self._writes_failing = True
             self._went_down("write", exc)
         finally:
             USAGE_MINUTES_PENDING.set(sum(self.usage.pending_count(self.usage.day).values()))

@@ -1,7 +1,7 @@
 """The shared state store for several Vigie servers: Redis.
 
 Keys (all under `vigie:`, documented in the README):
-  vigie:store                      marker written once: its absence means the data were lost (see lost_data)
+  vigie:store                      a random epoch, written when missing: a new one means the data were lost
   vigie:override:<id>              an override as JSON, expiring by itself at the override's end (PEXPIREAT)
   vigie:overrides                  set of override ids (entries whose key expired are dropped on read)
   vigie:overrides:version          incremented on every change; also published on channel vigie:overrides:changed
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import secrets
 import threading
 from collections.abc import Callable, Mapping
 from datetime import UTC, date, datetime
@@ -70,7 +71,7 @@ class RedisStore:
             raise StoreUnavailable(f"state store {url}: {exc} (example: redis://127.0.0.1:6379/0)") from None
         self._add_usage = self._redis.register_script(_ADD_USAGE)
         self._pubsub: Any = None
-        self._marked = False
+        self._epoch: str | None = None
         self._lock = threading.Lock()
 
     def _run(self, work: Callable[[], T]) -> T:
@@ -161,12 +162,16 @@ class RedisStore:
             self._pubsub = None
 
     def lost_data(self) -> bool:
+        """The marker holds a random epoch, written by the first process that finds it missing: every process
+        that saw another epoch before knows the data were lost, however many noticed first."""
         def check() -> bool:
-            if not self._marked:  # first contact: whatever is there is the state
-                self._redis.set(MARKER, "vigie state store", nx=True)
-                self._marked = True
-                return False
-            return bool(self._redis.set(MARKER, "vigie state store", nx=True))
+            epoch = self._redis.get(MARKER)
+            if epoch is None:
+                self._redis.set(MARKER, secrets.token_hex(8), nx=True)
+                epoch = self._redis.get(MARKER)
+            lost = self._epoch is not None and epoch != self._epoch
+            self._epoch = str(epoch)
+            return lost
 
         return self._run(check)
 
