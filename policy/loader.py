@@ -224,8 +224,7 @@ class _RulesReader:
         if not isinstance(self.root.node, yaml.MappingNode):
             return None
         timezone = self._timezone(top.get("timezone"))
-        server = self._server(top["server"]) if "server" in top else \
-            ServerSettings(data_dir=str(self.base_dir / ServerSettings().data_dir))
+        server = self._server(top.get("server"))
         lists = self._lists(top.get("lists"))
         categories = self._categories(top.get("categories"), lists)
         always_block = self._category_refs(top.get("always_block"), categories)
@@ -263,8 +262,10 @@ class _RulesReader:
 
         return field.converted(check, "Europe/Paris") or "Europe/Paris"
 
-    def _server(self, field: Field) -> ServerSettings:
-        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists", "api"))
+    def _server(self, field: Field | None) -> ServerSettings:
+        """The server section; paths (data_dir, the SQLite state, the API token) are taken from rules.yaml's
+        directory, also when the section is absent."""
+        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists", "api")) if field else {}
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
         proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page")) if "proxy" in keys else {}

@@ -48,7 +48,7 @@ class StoreAddress:
             path = text[len("sqlite:///"):]
             if not path:
                 raise ValueError("no file after sqlite:///")
-            return cls("sqlite", str(base_dir / path))
+            return cls("sqlite", str((base_dir / path).absolute()))
         if text.startswith(("redis://", "rediss://", "unix://")):
             return cls("redis", text)
         raise ValueError("not a state store")

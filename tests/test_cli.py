@@ -64,3 +64,17 @@ def test_explain_rejects_a_bad_time(tmp_path: Path) -> None:
     rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\n"})
     result = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--at", "tomorrow", "a.fr")
     assert result.returncode == 1 and "--at 'tomorrow' is not a date and time" in result.stderr
+
+
+def test_explain_includes_the_overrides_in_the_state_store(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\n"})
+    made = vigie("override", "allow", "--rules", str(rules), "--group", "cm2-a", "--domain", "roblox.com",
+                 "--for", "1h", "--note", "jeu de logique", "--by", "m.durand")
+    assert made.returncode == 0, made.stderr
+    override_id = made.stdout.split(":")[0]
+    result = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "www.roblox.com")
+    assert "decision: ALLOW (override_allow)" in result.stdout, result.stdout
+    assert f"allowed by override {override_id} for roblox.com (group cm2-a, by m.durand)" in result.stdout
+    assert f"with the overrides and screen time in sqlite://{tmp_path}/var/state.sqlite3" in result.stdout
+    rules_only = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--no-state", "www.roblox.com")
+    assert "decision: BLOCK (category)" in rules_only.stdout

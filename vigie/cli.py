@@ -17,7 +17,8 @@ from policy.decision import Query
 from policy.engine import decide
 from policy.errors import ConfigError, ConfigProblem, Severity
 from policy.snapshot import Snapshot
-from policy.state import EMPTY_STATE
+from policy.state import EMPTY_STATE, StateView
+from policy.state_store import StoreUnavailable, open_store
 from vigie.loading import load_snapshot
 
 DEFAULT_RULES = Path("rules.yaml")
@@ -52,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--client", required=True, help="the client's address (e.g. 10.20.1.17)")
     explain.add_argument("--at", help="local time in the rules' time zone, e.g. 2026-11-23T14:05 (default: now)")
     explain.add_argument("--rules", type=Path, default=DEFAULT_RULES)
+    explain.add_argument("--no-state", action="store_true",
+                         help="ignore overrides and screen time (the rules alone)")
     explain.set_defaults(handler=run_explain)
 
     from vigie.lists_cli import add_lists_commands
@@ -138,6 +141,21 @@ def parse_local_time(text: str | None, snapshot: Snapshot) -> datetime:
     return moment.replace(tzinfo=zone) if moment.tzinfo is None else moment
 
 
+def _stored_state(snapshot: Snapshot, local: datetime) -> tuple[StateView, str]:
+    """The overrides in force at `local` and that day's minutes, from the state store; empty if it is away."""
+    address = snapshot.rules.server.state
+    try:
+        store = open_store(address)
+        try:
+            view = StateView(overrides=store.overrides(local), minutes_used_today=store.usage(local.date()),
+                             day=local.date())
+        finally:
+            store.close()
+    except StoreUnavailable as exc:
+        return EMPTY_STATE, f"WITHOUT overrides and screen time ({exc})"
+    return view, f"with the overrides and screen time in {address}"
+
+
 def run_explain(args: argparse.Namespace) -> int:
     try:
         loaded = load_snapshot(args.rules)
@@ -151,9 +169,11 @@ def run_explain(args: argparse.Namespace) -> int:
         raise VigieError(f"{args.target!r}: {exc}") from None
     at = parse_local_time(args.at, snapshot)
     client = snapshot.identify(args.client)
-    decision = decide(Query(client, host, at, path, url), snapshot, EMPTY_STATE)
     local = at.astimezone(snapshot.clock.zone)
-    print(f"{args.target} for {args.client} at {local:%A %Y-%m-%d %H:%M %Z}")
+    state, state_note = (EMPTY_STATE, "without overrides and screen time (--no-state)") if args.no_state else \
+        _stored_state(snapshot, local)
+    decision = decide(Query(client, host, at, path, url), snapshot, state)
+    print(f"{args.target} for {args.client} at {local:%A %Y-%m-%d %H:%M %Z}, {state_note}")
     print(f"decision: {decision.action.value.upper()} ({decision.reason.value})")
     for step in decision.trail or (decision.explanation,):
         print(f"  - {step}")
