@@ -31,6 +31,7 @@ from dns_vs_unbound import (
     write_files,
 )
 
+from blocklists.ut1 import read_ut1
 from tests.conftest import free_port
 from tests.state_servers import RedisServer
 
@@ -41,7 +42,7 @@ server:
 lists:
   ut1: {{source: {archive}, format: ut1}}
 categories:
-  blocked: [ut1/adult, ut1/gambling, ut1/games, ut1/social_networks]
+  blocked: [{categories}]
 devices:
   inventory: devices.csv
 groups:
@@ -64,6 +65,8 @@ def main() -> None:
         workdir = Path(temp)
         _, files = write_files(workdir)
         files.pop("blocked")
+        # Every category blocked, as in dns_vs_unbound.py: the upstream answers only *.example names.
+        categories = ", ".join(f"ut1/{name}" for name in sorted(read_ut1(ARCHIVE).categories))
         upstream_port = free_port()
         (workdir / "upstream.conf").write_text(UPSTREAM_CONF.format(port=upstream_port, dir=workdir))
         upstream, _ = start(["unbound", "-d", "-c", str(workdir / "upstream.conf")], upstream_port,
@@ -76,7 +79,8 @@ def main() -> None:
                           "budget, Redis store": ("metered", redis_server.url)}
                 for label, (profile, state) in setups.items():
                     rules = workdir / "rules.yaml"
-                    rules.write_text(RULES.format(archive=ARCHIVE, state=state, profile=profile))
+                    rules.write_text(RULES.format(archive=ARCHIVE, state=state, profile=profile,
+                                                  categories=categories))
                     port = free_port()
                     command = [sys.executable, "-m", "vigie", "dns", "--rules", str(rules), "--workers", "1",
                                "--dns-listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}",

@@ -98,6 +98,7 @@ class CachedReply:
     size: int
     labels: tuple[str, str, str]  # group, action, reason: what the metrics count for a hit
     prefetch_at: float  # past this, a popular answer from upstream is fetched again before it expires
+    count_device: str | None = None  # a hit marks this device's minute as screen time
     hits: int = 0
     recently_used: bool = False
     aged_tail: bytes = b""
@@ -106,9 +107,10 @@ class CachedReply:
 
 class ReplyCache:
     """Finished replies by (view, question, EDNS), where the view is what the decision depended on (rules
-    generation and client group). Entries expire with their shortest TTL and the decision's validity. Bounded with
-    "second chance" eviction: the oldest entry goes unless it was used since it last came up, so that a stream of
-    names asked once does not push out the popular ones (and a hit costs a flag, not a reordering)."""
+    generation and client group, and the device when a screen-time budget makes answers per device). Entries
+    expire with their shortest TTL and the decision's validity. Bounded with "second chance" eviction: the oldest
+    entry goes unless it was used since it last came up, so that a stream of names asked once does not push out
+    the popular ones (and a hit costs a flag, not a reordering)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
         self._entries: dict[tuple[object, bytes, bool], CachedReply] = {}
@@ -121,7 +123,7 @@ class ReplyCache:
         self._entries.clear()
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
-              labels: tuple[str, str, str], *, from_upstream: bool = False) -> None:
+              labels: tuple[str, str, str], *, from_upstream: bool = False, count_device: str | None = None) -> None:
         if lifetime < 1 or len(reply) < query.question_end:
             return
         reply = bytes(reply)
@@ -133,7 +135,7 @@ class ReplyCache:
         prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
         self._entries.pop(key, None)  # re-inserted at the end
         self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], tuple(offsets), now, now + lifetime,
-                                         len(reply), labels, prefetch_at)
+                                         len(reply), labels, prefetch_at, count_device)
         if len(self._entries) > self._max:
             self._evict_one()
 

@@ -42,6 +42,7 @@ EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
 MAX_DECISION_CACHE = 20_000  # a Decision carries its explanation: ~1 KB each
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
+_SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 _HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}")
 
 
@@ -64,6 +65,7 @@ class Answered:
     labels: tuple[str, str, str] = ("", "", "")
     view: object = None
     from_upstream: bool = False  # forwarded as is: worth fetching again before it expires if popular
+    count_device: str | None = None  # the device whose minute a cached copy of this reply marks
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class DnsFront:
         self.forwarder = Forwarder(upstreams)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
         self._clients: dict[str, tuple[int, Client | None]] = {}
-        self._sharing: dict[str, tuple[int, int, float, bool]] = {}
+        self._views: dict[str, tuple[int, int, float, object]] = {}
         self.replies = ReplyCache()
 
     def client_of(self, address: str, snapshot: Snapshot) -> Client | None:
@@ -102,19 +104,25 @@ class DnsFront:
         self._clients[address] = (snapshot.generation, client)
         return client
 
-    def shares_answers(self, group: str, snapshot: Snapshot, state: StateView, now: float) -> bool:
-        """Whether every device of `group` gets the same answers right now, so one reply cache serves them all:
-        no override for the group and no screen-time budget in its profile in force (both make answers depend
-        on the device, and a budget needs each request counted). Remembered until the profile changes."""
-        known = self._sharing.get(group)
-        if known is not None and known[0] == snapshot.generation and known[1] == state.version and now < known[2]:
-            return known[3]
-        in_force = snapshot.profile_in_force(group, datetime.fromtimestamp(now, UTC))
-        shares = group not in state.override_groups and \
-            snapshot.profiles[in_force.profile].profile.screen_time_minutes is None
-        until = in_force.until.timestamp() if in_force.until else float("inf")
-        self._sharing[group] = (snapshot.generation, state.version, until, shares)
-        return shares
+    def reply_view(self, client: Client, snapshot: Snapshot, state: StateView, now: float) -> object | None:
+        """What a reply for `client` may be cached under right now: the group when all its devices get the same
+        answers; the device when a screen-time budget makes answers (and their lifetimes) per device; None while
+        an override concerns the group. Remembered per group until its profile changes."""
+        known = self._views.get(client.group)
+        if known is None or known[0] != snapshot.generation or known[1] != state.version or now >= known[2]:
+            in_force = snapshot.profile_in_force(client.group, datetime.fromtimestamp(now, UTC))
+            kind = _NOT_CACHED if client.group in state.override_groups else \
+                _PER_DEVICE if snapshot.profiles[in_force.profile].profile.screen_time_minutes is not None else \
+                _SHARED
+            known = (snapshot.generation, state.version, in_force.until.timestamp() if in_force.until else
+                     float("inf"), kind)
+            self._views[client.group] = known
+        kind = known[3]
+        if kind is _SHARED or (kind is _PER_DEVICE and client.device is None):
+            return (snapshot.generation, client.group)
+        if kind is _PER_DEVICE:
+            return (snapshot.generation, client.group, client.device)
+        return None
 
     async def handle(self, packet: bytes, client_address: str) -> Answered | None:
         started = time.perf_counter()
@@ -126,32 +134,32 @@ class DnsFront:
         if request.header.qr or len(request.questions) != 1:
             DNS_ERRORS.labels("formerr").inc()
             return _raw(formerr_for(packet))
-        labels, view = ("", "", ""), None
+        labels, view, counted = ("", "", ""), None, None
         try:
             snapshot = self.current_snapshot()
             client = self.client_of(client_address, snapshot)
-            reply, labels = await self._answer(request, client, snapshot)
-            if client is not None and self.shares_answers(client.group, snapshot, self.current_state(),
-                                                          self.clock()):
-                view = (snapshot.generation, client.group)
+            reply, labels, counted = await self._answer(request, client, snapshot)
+            if client is not None:
+                view = self.reply_view(client, snapshot, self.current_state(), self.clock())
         except Exception:
             log.exception("internal error answering a query; answered SERVFAIL")
             DNS_ERRORS.labels("internal").inc()
             reply = _Reply(_rcode_reply(request, RCODE.SERVFAIL))
         DNS_LATENCY.observe(time.perf_counter() - started)
-        return Answered(reply.record.pack(), reply.lifetime, labels, view)
+        return Answered(reply.record.pack(), reply.lifetime, labels, view, count_device=counted)
 
     async def _answer(self, request: DNSRecord, client: Client | None,
-                      snapshot: Snapshot) -> tuple[_Reply, tuple[str, str, str]]:
+                      snapshot: Snapshot) -> tuple[_Reply, tuple[str, str, str], str | None]:
+        """The reply, its metric labels, and the device whose minute it counted (if any)."""
         question = request.questions[0]
         if client is None:
             QUERIES.inc("", "refuse", "unknown_client")
-            return _Reply(_rcode_reply(request, RCODE.REFUSED)), ("", "refuse", "unknown_client")
+            return _Reply(_rcode_reply(request, RCODE.REFUSED)), ("", "refuse", "unknown_client"), None
         try:
             name = normalize_domain(str(question.qname))
         except NameRejected:
             DNS_ERRORS.labels("formerr").inc()
-            return _Reply(_rcode_reply(request, RCODE.FORMERR)), ("", "", "")
+            return _Reply(_rcode_reply(request, RCODE.FORMERR)), ("", "", ""), None
         now = datetime.fromtimestamp(self.clock(), UTC)
         decision = self._decision(snapshot, client, name, now)
         labels = (client.group, decision.action.value, decision.reason.value)
@@ -169,7 +177,7 @@ class DnsFront:
             reply = await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
         else:
             reply = await self._forward(request, ttl_cap)
-        return reply, labels
+        return reply, labels, client.device if decision.counts_screen_time else None
 
     def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Decision:
         """Decisions are cached per (rules generation, overrides version, group, device, name) until they expire
@@ -279,9 +287,8 @@ class DnsFront:
         reply = client_reply(packet, query, upstream, ttl_cap)
         DNS_LATENCY.observe(time.perf_counter() - started)
         lifetime = min(upstream.lifetime, ttl_cap) if upstream.offsets else 0.0
-        shared = self.shares_answers(client.group, snapshot, self.current_state(), timestamp)
-        return Answered(reply, lifetime, labels, (snapshot.generation, client.group) if shared else None,
-                        from_upstream=True)
+        return Answered(reply, lifetime, labels, self.reply_view(client, snapshot, self.current_state(), timestamp),
+                        from_upstream=True, count_device=client.device if decision.counts_screen_time else None)
 
     @staticmethod
     def _ttl_cap(decision: Decision, snapshot: Snapshot, now: datetime) -> int:
@@ -397,14 +404,17 @@ class _UdpProtocol(asyncio.DatagramProtocol):
             front = self.front
             snapshot = front.current_snapshot()
             client = front.client_of(addr[0], snapshot)
-            if client is not None and front.shares_answers(client.group, snapshot, front.current_state(),
-                                                           front.clock()):
-                hit = front.replies.reply((snapshot.generation, client.group), query, data)
+            view = front.reply_view(client, snapshot, front.current_state(), front.clock()) if client else None
+            if view is not None:
+                hit = front.replies.reply(view, query, data)
                 if hit is not None:
                     self.transport.sendto(hit[0], addr)
                     if hit[2]:
                         front.forwarder.prefetch(query.question)
-                    QUERIES.inc(*hit[1].labels)
+                    entry = hit[1]
+                    QUERIES.inc(*entry.labels)
+                    if entry.count_device is not None:
+                        front.count_minute(entry.count_device)
                     DNS_LATENCY.observe(time.perf_counter() - started)
                     return
         task = asyncio.ensure_future(self._reply(data, addr, query))
@@ -426,7 +436,7 @@ class _UdpProtocol(asyncio.DatagramProtocol):
         answer = answered.wire
         if query is not None and answered.lifetime and answered.view is not None:
             self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels,
-                                     from_upstream=answered.from_upstream)
+                                     from_upstream=answered.from_upstream, count_device=answered.count_device)
         limit = query.udp_size if query is not None else _client_udp_size(data)
         if len(answer) > limit:
             answer = _truncated(answer)
