@@ -6,9 +6,11 @@ They talk to the state store named by `server.state` directly; running services 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import getpass
 import json
 import os
+from collections.abc import Iterator
 from datetime import UTC, date, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -69,23 +71,24 @@ def _login() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
-def _with_store(args: argparse.Namespace) -> tuple[Rules, StateStore] | None:
-    rules = rules_or_report(args.rules)
-    if rules is None:
-        return None
-    return rules, open_store(rules.server.state)
+@contextlib.contextmanager
+def _store_of(rules: Rules) -> Iterator[StateStore]:
+    store = open_store(rules.server.state)
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def run_override_add(args: argparse.Namespace) -> int:
-    opened = _with_store(args)
-    if opened is None:
+    rules = rules_or_report(args.rules)
+    if rules is None:
         return 1
-    rules, store = opened
     request = OverrideRequest(args.kind, args.group, args.device, getattr(args, "domain", None), args.duration,
                               args.note, args.by)
     override = make_override(request, rules, datetime.now(UTC))
-    store.add_override(override)
-    store.close()
+    with _store_of(rules) as store:
+        store.add_override(override)
     if args.json:
         print(json.dumps(override_to_json(override), ensure_ascii=False))
     else:
@@ -100,12 +103,11 @@ def describe(override: Override, zone: ZoneInfo) -> str:
 
 
 def run_override_list(args: argparse.Namespace) -> int:
-    opened = _with_store(args)
-    if opened is None:
+    rules = rules_or_report(args.rules)
+    if rules is None:
         return 1
-    rules, store = opened
-    overrides = store.overrides(datetime.now(UTC))
-    store.close()
+    with _store_of(rules) as store:
+        overrides = store.overrides(datetime.now(UTC))
     if args.json:
         print(json.dumps([override_to_json(o) for o in overrides], ensure_ascii=False))
     elif not overrides:
@@ -116,14 +118,11 @@ def run_override_list(args: argparse.Namespace) -> int:
 
 
 def run_override_clear(args: argparse.Namespace) -> int:
-    opened = _with_store(args)
-    if opened is None:
+    rules = rules_or_report(args.rules)
+    if rules is None:
         return 1
-    _, store = opened
-    try:
+    with _store_of(rules) as store:
         cleared = store.clear_override(args.id)
-    finally:
-        store.close()
     if args.json:
         print(json.dumps(override_to_json(cleared), ensure_ascii=False))
     else:
@@ -132,16 +131,13 @@ def run_override_clear(args: argparse.Namespace) -> int:
 
 
 def run_usage(args: argparse.Namespace) -> int:
-    opened = _with_store(args)
-    if opened is None:
+    rules = rules_or_report(args.rules)
+    if rules is None:
         return 1
-    rules, store = opened
     now = datetime.now(UTC)
     day = args.day or now.astimezone(ZoneInfo(rules.timezone)).date()
-    try:
+    with _store_of(rules) as store:
         minutes = store.usage(day)
-    finally:
-        store.close()
     report = usage_report(rules, minutes, day, budgets_now(rules, now), with_devices=args.devices)
     print(json.dumps(report_to_json(report)) if args.json else format_report(report))
     return 0
