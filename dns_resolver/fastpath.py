@@ -96,7 +96,7 @@ class CachedReply:
     stored_at: float
     expires_at: float
     size: int
-    labels: tuple[str, str, str]  # group, action, reason: what the metrics count for a hit
+    labels: tuple[str, ...]  # group, action, reason, category: what the metrics count for a hit
     prefetch_at: float  # past this, a popular answer from upstream is fetched again before it expires
     count_device: str | None = None  # a hit marks this device's minute as screen time
     hits: int = 0
@@ -123,7 +123,7 @@ class ReplyCache:
         self._entries.clear()
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
-              labels: tuple[str, str, str], *, from_upstream: bool = False, count_device: str | None = None) -> None:
+              labels: tuple[str, ...], *, from_upstream: bool = False, count_device: str | None = None) -> None:
         if lifetime < 1 or len(reply) < query.question_end:
             return
         reply = bytes(reply)

@@ -30,7 +30,7 @@ from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
 from policy.engine import decide
-from policy.metrics import DNS_ERRORS, DNS_LATENCY, DNS_RATE_LIMITED, QUERIES
+from policy.metrics import DNS_ERRORS, DNS_LATENCY, DNS_RATE_LIMITED, QUERIES, REPLY_CACHE
 from policy.model import BlockAnswer
 from policy.snapshot import Snapshot
 from policy.state import StateView
@@ -43,6 +43,7 @@ BLOCK_TTL = 60
 MAX_DECISION_CACHE = 20_000  # a Decision carries its explanation: ~1 KB each
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
+_UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
 _HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}")
 
 
@@ -62,7 +63,7 @@ class Answered:
 
     wire: bytes
     lifetime: float = 0.0
-    labels: tuple[str, str, str] = ("", "", "")
+    labels: tuple[str, ...] = ()
     view: object = None
     from_upstream: bool = False  # forwarded as is: worth fetching again before it expires if popular
     count_device: str | None = None  # the device whose minute a cached copy of this reply marks
@@ -134,7 +135,8 @@ class DnsFront:
         if request.header.qr or len(request.questions) != 1:
             DNS_ERRORS.labels("formerr").inc()
             return _raw(formerr_for(packet))
-        labels, view, counted = ("", "", ""), None, None
+        labels: tuple[str, ...] = ()
+        view, counted = None, None
         try:
             snapshot = self.current_snapshot()
             client = self.client_of(client_address, snapshot)
@@ -149,20 +151,20 @@ class DnsFront:
         return Answered(reply.record.pack(), reply.lifetime, labels, view, count_device=counted)
 
     async def _answer(self, request: DNSRecord, client: Client | None,
-                      snapshot: Snapshot) -> tuple[_Reply, tuple[str, str, str], str | None]:
+                      snapshot: Snapshot) -> tuple[_Reply, tuple[str, ...], str | None]:
         """The reply, its metric labels, and the device whose minute it counted (if any)."""
         question = request.questions[0]
         if client is None:
-            QUERIES.inc("", "refuse", "unknown_client")
-            return _Reply(_rcode_reply(request, RCODE.REFUSED)), ("", "refuse", "unknown_client"), None
+            QUERIES.inc(*_UNKNOWN_CLIENT)
+            return _Reply(_rcode_reply(request, RCODE.REFUSED)), _UNKNOWN_CLIENT, None
         try:
             name = normalize_domain(str(question.qname))
         except NameRejected:
             DNS_ERRORS.labels("formerr").inc()
-            return _Reply(_rcode_reply(request, RCODE.FORMERR)), ("", "", ""), None
+            return _Reply(_rcode_reply(request, RCODE.FORMERR)), (), None
         now = datetime.fromtimestamp(self.clock(), UTC)
         decision = self._decision(snapshot, client, name, now)
-        labels = (client.group, decision.action.value, decision.reason.value)
+        labels = decision.labels
         QUERIES.inc(*labels)
         ttl_cap = self._ttl_cap(decision, snapshot, now)
         if decision.action is Action.BLOCK:
@@ -274,7 +276,7 @@ class DnsFront:
         decision = self._decision(snapshot, client, name, now)
         if decision.action is not Action.ALLOW:
             return None
-        labels = (client.group, decision.action.value, decision.reason.value)
+        labels = decision.labels
         QUERIES.inc(*labels)
         ttl_cap = self._ttl_cap(decision, snapshot, now)
         try:
@@ -412,11 +414,13 @@ class _UdpProtocol(asyncio.DatagramProtocol):
                     if hit[2]:
                         front.forwarder.prefetch(query.question)
                     entry = hit[1]
+                    REPLY_CACHE.inc("hit")
                     QUERIES.inc(*entry.labels)
                     if entry.count_device is not None:
                         front.count_minute(entry.count_device)
                     DNS_LATENCY.observe(time.perf_counter() - started)
                     return
+            REPLY_CACHE.inc("miss")
         task = asyncio.ensure_future(self._reply(data, addr, query))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)

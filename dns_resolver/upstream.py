@@ -17,7 +17,7 @@ from typing import cast
 
 from dnslib import DNSRecord
 
-from policy.metrics import UPSTREAM_FAILURES
+from policy.metrics import UPSTREAM_FAILURES, UPSTREAM_LATENCY, UPSTREAM_UP
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +41,7 @@ class Upstream:
 
     def __post_init__(self) -> None:
         self.label = f"{self.address}:{self.port}"
+        UPSTREAM_UP.labels(self.label).set(1)
 
     @property
     def healthy(self) -> bool:
@@ -48,11 +49,15 @@ class Upstream:
 
     def failed(self) -> None:
         self.failures += 1
+        if self.failures == 3:
+            UPSTREAM_UP.labels(self.label).set(0)
         if self.failures >= 3:
             # Back off for a while; the other upstreams carry the load meanwhile.
             self.down_until = time.monotonic() + min(30.0, 2.0 * self.failures)
 
     def succeeded(self) -> None:
+        if self.failures >= 3:
+            UPSTREAM_UP.labels(self.label).set(1)
         self.failures, self.down_until = 0, 0.0
 
 
@@ -170,6 +175,7 @@ class UpstreamPool:
         """Send `query` (any ID: each try gets a random one) to the healthy upstreams in turn; the first answer
         whose ID and question match and whose code is not SERVFAIL or REFUSED wins. Raises UpstreamFailure."""
         for upstream in self._order():
+            started = time.perf_counter()
             try:
                 answer = await self._sockets[upstream.label].query(query, question, self.timeout)
                 if answer[2] & 0x02:  # TC: the full answer needs TCP
@@ -185,6 +191,7 @@ class UpstreamPool:
                 log.debug("upstream %s failed: %r", upstream.label, exc)
                 continue
             upstream.succeeded()
+            UPSTREAM_LATENCY.observe(time.perf_counter() - started)
             return answer
         raise UpstreamFailure("no upstream answered")
 

@@ -85,7 +85,7 @@ class VigieAddon:
         if decision.action is Action.BLOCK and (not self.block_page_for_https or
                                                  flow.request.port not in (*_TLS_PORTS, 80)):
             # No page can be shown (the option is off, or the port carries no web traffic): refuse the tunnel.
-            PROXY_REQUESTS.labels(decision.group or "unknown", decision.action.value, decision.reason.value).inc()
+            PROXY_REQUESTS.labels(*decision.labels).inc()
             flow.response = http.Response.make(403, f"blocked by Vigie: {decision.explanation}\n".encode())
 
     def tls_clienthello(self, data: tls.ClientHelloData) -> None:
@@ -130,7 +130,7 @@ class VigieAddon:
             return
         url = f"{flow.request.scheme}://{host}{flow.request.path}"
         decision = self._counted(decide(Query(client, host, at, flow.request.path, url), snapshot, self._state()))
-        PROXY_REQUESTS.labels(decision.group or "unknown", decision.action.value, decision.reason.value).inc()
+        PROXY_REQUESTS.labels(*decision.labels).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
             self._block(flow, host, decision, snapshot, at)
         elif decision.profile is not None:

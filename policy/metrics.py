@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterable, Sequence
 
-from prometheus_client import REGISTRY, Counter, Gauge
+from prometheus_client import REGISTRY, Counter, Gauge, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -62,8 +62,10 @@ class FastHistogram(Collector):
         yield HistogramMetricFamily(self._name, self._documentation)
 
 
-QUERIES = LabelCounter("vigie_dns_queries", "DNS queries answered, by group, action and reason",
-                       ["group", "action", "reason"])
+QUERIES = LabelCounter("vigie_dns_queries", "DNS queries answered, by group, action, reason and category (the "
+                       "rules' category that decided, `none` otherwise)", ["group", "action", "reason", "category"])
+REPLY_CACHE = LabelCounter("vigie_dns_reply_cache", "Plain queries answered from the reply cache (hit) or not (miss)",
+                           ["result"])
 DNS_LATENCY = FastHistogram("vigie_dns_answer_seconds", "Time from a query's arrival to its answer",
                             buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                      1, 2.5))
@@ -72,16 +74,23 @@ DNS_STALE_ANSWERS = Counter("vigie_dns_stale_answers", "Answers served stale (RF
 DNS_ERRORS = Counter("vigie_dns_errors", "Queries answered SERVFAIL or FORMERR, by kind", ["kind"])
 UPSTREAM_FAILURES = Counter("vigie_dns_upstream_failures", "Forwarded queries an upstream did not answer",
                             ["upstream"])
+UPSTREAM_UP = Gauge("vigie_dns_upstream_up", "1 while an upstream answers; 0 after 3 failures in a row, until it "
+                    "answers again", ["upstream"])
+UPSTREAM_LATENCY = FastHistogram("vigie_dns_upstream_seconds", "Time an upstream took to answer a forwarded query",
+                                 buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
 RELOADS = Counter("vigie_rules_reloads", "Rules reloads by result (ok, invalid)", ["result"])
 RULES_GENERATION = Gauge("vigie_rules_generation", "Generation of the rules snapshot in force")
 RULES_LOADED_AT = Gauge("vigie_rules_loaded_timestamp_seconds", "When the rules in force were loaded")
+RULES_LAST_RELOAD_OK = Gauge("vigie_rules_last_reload_ok", "1 if the last reload attempt succeeded (or none failed "
+                             "since start), 0 while the files on disk are refused")
+RULES_RELOAD_SECONDS = Gauge("vigie_rules_reload_seconds", "How long the last successful reload took")
 LIST_DOMAINS = Gauge("vigie_list_domains", "Domains in the compiled lists in force")
 LIST_UPDATES = Counter("vigie_list_updates", "List source updates by source and result (updated, not_modified, "
                        "failed)", ["source", "result"])
 LIST_LAST_SUCCESS = Gauge("vigie_list_last_success_timestamp_seconds",
                           "When each remote list source last answered (downloaded or not modified)", ["source"])
-PROXY_REQUESTS = Counter("vigie_proxy_requests", "HTTP requests decided by the proxy, by group, action and reason",
-                         ["group", "action", "reason"])
+PROXY_REQUESTS = Counter("vigie_proxy_requests", "HTTP requests decided by the proxy, by group, action, reason "
+                         "and category", ["group", "action", "reason", "category"])
 PROXY_TLS = Counter("vigie_proxy_tls_connections", "TLS connections by handling (passthrough, intercept)",
                     ["handling"])
 BLOCK_PAGES = Counter("vigie_block_pages", "Block pages served by the proxy, by reason", ["reason"])
@@ -93,3 +102,5 @@ USAGE_MINUTES_PENDING = Gauge("vigie_usage_minutes_pending",
                               "Used minutes counted in memory, not yet written to the state store")
 STATE_AGE = Gauge("vigie_state_age_seconds", "Age of the state view the fronts decide with (grows while the store "
                   "is away)")
+BUILD = Info("vigie_build", "Vigie's version and the process's role (main: proxy, list updates, admin API; "
+             "worker: DNS only)")

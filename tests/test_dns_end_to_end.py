@@ -137,7 +137,7 @@ def test_an_edit_is_picked_up_without_restart_and_a_bad_edit_keeps_the_old_rules
     metrics = urllib.request.urlopen(f"http://127.0.0.1:{vigie.metrics_port}/metrics", timeout=5).read().decode()
     assert 'vigie_rules_reloads_total{result="invalid"} 1.0' in metrics
     assert 'vigie_rules_reloads_total{result="ok"} 1.0' in metrics
-    assert 'vigie_dns_queries_total{action="block",group="school",reason="deny_list"}' in metrics
+    assert 'vigie_dns_queries_total{action="block",category="none",group="school",reason="deny_list"}' in metrics
 
 
 def _eventually(check: object, seconds: float = 8.0) -> bool:

@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import importlib.metadata
 import logging
 import os
 import signal
@@ -32,11 +33,21 @@ from dns_resolver.server import DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.errors import ConfigError
 from policy.loader import load_rules, parse_listen, parse_workers
-from policy.metrics import LIST_DOMAINS, LIST_LAST_SUCCESS, RELOADS, RULES_GENERATION, RULES_LOADED_AT
+from policy.metrics import (
+    BUILD,
+    LIST_DOMAINS,
+    LIST_LAST_SUCCESS,
+    RELOADS,
+    RULES_GENERATION,
+    RULES_LAST_RELOAD_OK,
+    RULES_LOADED_AT,
+    RULES_RELOAD_SECONDS,
+)
 from policy.model import DnsSettings, ServerSettings
 from policy.snapshot import ListCache, Snapshot
 from policy.state_keeper import StateKeeper
 from policy.state_store import open_store
+from policy.usage_metrics import register_screen_time_metrics
 from vigie.lists_cli import describe, record, remote_specs
 from vigie.loading import load_snapshot, watched_files
 
@@ -91,21 +102,25 @@ class SnapshotHolder:
         except ConfigError as exc:
             self._stamps = stamps  # do not retry the same broken files every two seconds
             RELOADS.labels("invalid").inc()
+            RULES_LAST_RELOAD_OK.set(0)
             log.error("rules reload refused, the previous rules keep serving:\n%s", exc)
             return False
         except VigieError as exc:
             self._stamps = stamps
             RELOADS.labels("invalid").inc()
+            RULES_LAST_RELOAD_OK.set(0)
             log.error("rules reload refused, the previous rules keep serving: %s", exc)
             return False
         self.snapshot = new
         self._stamps = self._file_stamps()
         RELOADS.labels("ok").inc()
+        RULES_RELOAD_SECONDS.set(time.monotonic() - started)
         self._published()
         log.info("rules reloaded: generation %d in %.2f s", new.generation, time.monotonic() - started)
         return True
 
     def _published(self) -> None:
+        RULES_LAST_RELOAD_OK.set(1)
         RULES_GENERATION.set(self.snapshot.generation)
         RULES_LOADED_AT.set(time.time())
         LIST_DOMAINS.set(len(self.snapshot.lists.domains))
@@ -270,6 +285,9 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
                        lambda: open_store(settings.state))
         api.start()
         listening.append(f"admin API on http://{fronts.api_listen}/v1/ (token in {settings.api.token_file})")
+    BUILD.info({"version": _version(), "role": "main" if fronts.worker == 0 else f"worker-{fronts.worker}"})
+    if fronts.worker == 0:
+        register_screen_time_metrics(lambda: holder.snapshot, lambda: keeper.view)
     metrics = "off"
     if fronts.metrics_listen:
         host, _, port = fronts.metrics_listen.rpartition(":")
@@ -338,6 +356,13 @@ async def _keep_collections_short(thaw_every: float) -> None:
             since_thaw = 0.0
         gc.collect()
         gc.freeze()
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("vigie")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 async def _watch_workers(workers: list[int], stop: asyncio.Event) -> None:
