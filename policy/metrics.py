@@ -98,8 +98,8 @@ STATE_STORE_UP = Gauge("vigie_state_store_up", "1 while the state store (overrid
 STATE_STORE_ERRORS = Counter("vigie_state_store_errors", "Failed exchanges with the state store, by operation",
                              ["operation"])
 OVERRIDES_ACTIVE = Gauge("vigie_overrides_active", "Teacher overrides in force")
-USAGE_MINUTES_PENDING = Gauge("vigie_usage_minutes_pending",
-                              "Used minutes counted in memory, not yet written to the state store")
+USAGE_MARKS_PENDING = Gauge("vigie_usage_marks_pending",
+                            "Used minutes (one mark per device and minute) counted in memory, not yet in the store")
 STATE_AGE = Gauge("vigie_state_age_seconds", "Age of the state view the fronts decide with (grows while the store "
                   "is away)")
 BUILD = Info("vigie_build", "Vigie's version and the process's role (main: proxy, list updates, admin API; "

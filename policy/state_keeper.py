@@ -25,7 +25,7 @@ from pathlib import Path
 from types import MappingProxyType
 from zoneinfo import ZoneInfo
 
-from policy.metrics import OVERRIDES_ACTIVE, STATE_AGE, STATE_STORE_ERRORS, STATE_STORE_UP, USAGE_MINUTES_PENDING
+from policy.metrics import OVERRIDES_ACTIVE, STATE_AGE, STATE_STORE_ERRORS, STATE_STORE_UP, USAGE_MARKS_PENDING
 from policy.state import EMPTY_STATE, Override, StateView
 from policy.state_store import StateStore, StoreUnavailable
 from policy.usage import Minutes, UsageRecorder
@@ -134,7 +134,7 @@ class StateKeeper:
             self._writes_failing = True
             self._went_down("write", exc)
         finally:
-            USAGE_MINUTES_PENDING.set(sum(self.usage.pending_count(self.usage.day).values()))
+            USAGE_MARKS_PENDING.set(sum(self.usage.pending_count(self.usage.day).values()))
 
     def _read(self, store: StateStore) -> None:
         now = self._clock()

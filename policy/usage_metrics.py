@@ -17,7 +17,7 @@ from prometheus_client.registry import Collector
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
-MINUTE_BUCKETS = (15, 30, 60, 90, 120, 180, 240)
+BUCKET_MINUTES = (15, 30, 60, 90, 120, 180, 240)
 
 
 class ScreenTimeCollector(Collector):
@@ -33,8 +33,8 @@ class ScreenTimeCollector(Collector):
                                    "minute of screen time today, per group", labels=["group"])
         spent = GaugeMetricFamily("vigie_screen_time_devices_spent", "Devices at or over the budget of their "
                                   "group's profile in force now, per group", labels=["group"])
-        spread = GaugeHistogramMetricFamily("vigie_screen_time_minutes", "Today's screen-time minutes of the "
-                                            "active devices, per group", labels=["group"])
+        spread = GaugeHistogramMetricFamily("vigie_screen_time_seconds", "Today's screen time of the active "
+                                            "devices, per group (whole minutes)", labels=["group"])
         members: dict[str, list[str]] = {}
         for device in snapshot.rules.devices:
             members.setdefault(device.group, []).append(device.name)
@@ -44,8 +44,8 @@ class ScreenTimeCollector(Collector):
             budget = snapshot.profiles[snapshot.profile_in_force(group, now).profile].profile.screen_time_minutes
             active.add_metric([group], len(used))
             spent.add_metric([group], sum(1 for m in used if budget is not None and m >= budget))
-            buckets = [(str(bound), sum(1 for m in used if m <= bound)) for bound in MINUTE_BUCKETS]
-            spread.add_metric([group], [*buckets, ("+Inf", len(used))], gsum_value=sum(used))
+            buckets = [(str(bound * 60), sum(1 for m in used if m <= bound)) for bound in BUCKET_MINUTES]
+            spread.add_metric([group], [*buckets, ("+Inf", len(used))], gsum_value=60 * sum(used))
         yield active
         yield spent
         yield spread
