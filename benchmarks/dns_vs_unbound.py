@@ -13,6 +13,7 @@ time to the first answer (Vigie with its compiled lists already on disk). Then V
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,6 +75,17 @@ def start(command: list[str], port: int, log: Path, cwd: Path) -> tuple[subproce
         if process.poll() is not None or time.monotonic() - started > 120:
             raise SystemExit(f"{command[0]} did not start:\n{log.read_text()[-2000:]}")
     return process, time.monotonic() - started
+
+
+@contextlib.contextmanager
+def serving(command: list[str], port: int, log: Path, cwd: Path) -> Iterator[tuple[subprocess.Popen[bytes], float]]:
+    """A server started (see `start`) for the block's duration, then terminated."""
+    process, startup = start(command, port, log, cwd)
+    try:
+        yield process, startup
+    finally:
+        process.terminate()
+        process.wait(15)
 
 
 def memory_mb(process: subprocess.Popen[bytes]) -> tuple[float, float]:
@@ -219,8 +232,7 @@ def main() -> None:
                 else:
                     command = [*command, "--dns-listen", f"127.0.0.1:{port}", "--upstream",
                                f"127.0.0.1:{upstream_port}", "--metrics-listen", "off"]
-                process, startup[label] = start(command, port, workdir / "servers.log", REPO)
-                try:
+                with serving(command, port, workdir / "servers.log", REPO) as (process, startup[label]):
                     results[label] = {}
                     for kind, path in files.items():
                         dnsperf(port, path, 2)  # warm-up: the cache holds what a running server would
@@ -228,9 +240,6 @@ def main() -> None:
                     if label == "Vigie 2 workers":
                         steady = dnsperf(port, files["mixed"], arguments.steady_seconds, rate=20_000)
                     rss[label] = memory_mb(process)
-                finally:
-                    process.terminate()
-                    process.wait(15)
                 print(f"  measured {label}", file=sys.stderr, flush=True)
         finally:
             upstream.terminate()

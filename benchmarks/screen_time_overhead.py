@@ -27,6 +27,7 @@ from dns_vs_unbound import (
     Figures,
     dnsperf,
     ensure_tools,
+    serving,
     start,
     write_files,
 )
@@ -85,15 +86,11 @@ def main() -> None:
                     command = [sys.executable, "-m", "vigie", "dns", "--rules", str(rules), "--workers", "1",
                                "--dns-listen", f"127.0.0.1:{port}", "--upstream", f"127.0.0.1:{upstream_port}",
                                "--metrics-listen", "off", "--api-listen", "off"]
-                    process, _ = start(command, port, workdir / "vigie.log", REPO)
-                    try:
+                    with serving(command, port, workdir / "vigie.log", REPO):
                         results[label] = {}
                         for kind, path in files.items():
                             dnsperf(port, path, 2)
                             results[label][kind] = dnsperf(port, path, arguments.seconds)
-                    finally:
-                        process.terminate()
-                        process.wait(15)
                     print(f"  measured {label}", file=sys.stderr, flush=True)
         finally:
             upstream.terminate()
