@@ -1,16 +1,20 @@
 """What ships for monitoring: the Prometheus configuration and alerts pass promtool (and the alerts' own unit tests),
-Vigie's exposition passes `promtool check metrics`, and a real Prometheus scraping a running resolver and proxy
-sees the series the dashboards use, with the right values."""
+Vigie's exposition passes `promtool check metrics`, the Grafana dashboard is well-formed, and a real Prometheus
+scraping a running resolver and proxy sees the series the dashboards use, with the right values, and evaluates
+every query of the dashboard."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,6 +23,10 @@ from tests.dns_servers import UpstreamServer, VigieProcess, dig
 from tests.proxy_servers import Origin, ProxyProcess, curl
 
 DEPLOY = REPO / "deploy" / "prometheus"
+DASHBOARD = REPO / "deploy" / "grafana" / "vigie.json"
+SECTIONS = ["Overview", "Performance", "Screen time per class", "Health"]
+# What Grafana puts in place of its variables before a query reaches Prometheus (every class, every job).
+GRAFANA_VARIABLES = {"$group": ".*", "$job": ".*", "$__rate_interval": "1m", "$__range": "5m"}
 RULES = {
     "rules.yaml": """
         lists:
@@ -52,6 +60,69 @@ def test_the_shipped_prometheus_files_pass_promtool(command: tuple[str, ...]) ->
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def dashboard() -> dict[str, Any]:
+    loaded: dict[str, Any] = json.loads(DASHBOARD.read_text())
+    return loaded
+
+
+def panels_and_queries() -> list[tuple[dict[str, Any], str]]:
+    """Every panel (rows aside) with each of its queries, as Grafana sends them to Prometheus."""
+    found = []
+    for panel in dashboard()["panels"]:
+        for target in panel.get("targets", []):
+            expression = target["expr"]
+            for variable, value in GRAFANA_VARIABLES.items():
+                expression = expression.replace(variable, value)
+            found.append((panel, expression))
+    return found
+
+
+def test_the_dashboard_is_grafana_json_on_a_prometheus_datasource_variable() -> None:
+    board = dashboard()
+    assert board["uid"] and board["title"] == "Vigie" and board["schemaVersion"] >= 36
+    variables = {variable["name"]: variable for variable in board["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("job", "group"):
+        assert variables[name]["datasource"]["uid"] == "${datasource}"
+    rows = [panel["title"] for panel in board["panels"] if panel["type"] == "row"]
+    assert rows == SECTIONS
+
+    panels = [panel for panel in board["panels"] if panel["type"] != "row"]
+    ids = [panel["id"] for panel in board["panels"]]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    occupied: set[tuple[int, int]] = set()
+    for panel in board["panels"]:
+        place = panel["gridPos"]
+        assert place["w"] >= 1 and place["h"] >= 1 and place["x"] + place["w"] <= 24, panel["title"]
+        cells = {(x, y) for x in range(place["x"], place["x"] + place["w"])
+                 for y in range(place["y"], place["y"] + place["h"])}
+        assert not cells & occupied, f"{panel['title']} overlaps another panel"
+        occupied |= cells
+    for panel in panels:
+        assert panel["description"], f"{panel['title']} says what it shows"
+        assert panel["datasource"]["uid"] == "${datasource}", panel["title"]
+        assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == "${datasource}", panel["title"]
+        ref_ids = [target["refId"] for target in panel["targets"]]
+        assert len(ref_ids) == len(set(ref_ids)), panel["title"]
+    for _, expression in panels_and_queries():
+        assert "$" not in expression, f"a Grafana variable the test does not know: {expression}"
+
+
+def exposed_names(exposition: str) -> set[str]:
+    """The series names an exposition offers, including those of families without samples yet."""
+    suffixes = {"histogram": ["_bucket", "_sum", "_count"], "gaugehistogram": ["_bucket", "_gsum", "_gcount"]}
+    names: set[str] = set()
+    for line in exposition.splitlines():
+        if line.startswith("# TYPE "):  # a counter's TYPE line already names it with its `_total`
+            _, _, name, kind = line.split()
+            names.update(name + suffix for suffix in suffixes.get(kind, [""]))
+        elif line and not line.startswith("#"):
+            names.add(re.split(r"[{ ]", line, maxsplit=1)[0])
+    return names
+
+
 class Prometheus:
     """A real Prometheus on 127.0.0.1 scraping `targets` every second, its data in a temporary directory."""
 
@@ -68,14 +139,23 @@ class Prometheus:
             ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
              f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
 
-    def query(self, expression: str) -> list[dict[str, object]]:
+    def evaluate(self, expression: str) -> dict[str, Any]:
+        """Prometheus's whole answer, errors included (a bad query is a 400 with a JSON body)."""
         url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode({"query": expression})
         try:
             with urllib.request.urlopen(url, timeout=5) as response:
-                result: list[dict[str, object]] = json.loads(response.read())["data"]["result"]
-                return result
+                answer: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as error:
+            answer = json.loads(error.read())
+        return answer
+
+    def query(self, expression: str) -> list[dict[str, object]]:
+        try:
+            answer = self.evaluate(expression)
         except OSError:
             return []
+        result: list[dict[str, object]] = answer["data"]["result"]
+        return result
 
     def value(self, expression: str, expected: float | None, seconds: float = 20) -> float | None:
         """The value of `expression` once it equals `expected` (scrapes bring values in over a few seconds), or
@@ -113,10 +193,12 @@ def test_a_real_prometheus_sees_what_the_dashboards_show(tmp_path: Path) -> None
         _, status, _ = curl(proxy.port, "http://roblox.com/")
         assert status == "403"
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{dns_metrics}/metrics", timeout=5) as response:
-            exposition = response.read().decode()
-        checked = promtool("check", "metrics", stdin=exposition)
-        assert checked.returncode == 0, checked.stdout + checked.stderr
+        expositions = []
+        for port in (dns_metrics, proxy_metrics):
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                expositions.append(response.read().decode())
+            checked = promtool("check", "metrics", stdin=expositions[-1])
+            assert checked.returncode == 0, checked.stdout + checked.stderr
 
         prometheus = Prometheus(tmp_path / "prometheus", [f"127.0.0.1:{dns_metrics}", f"127.0.0.1:{proxy_metrics}"])
         try:
@@ -136,5 +218,23 @@ def test_a_real_prometheus_sees_what_the_dashboards_show(tmp_path: Path) -> None
             assert prometheus.value('count(vigie_screen_time_devices_active{group="cm2-a"})', 2) == 2
             assert prometheus.value('count(vigie_build_info{role="main"})', 2) == 2
             assert prometheus.value('ALERTS{alertstate="firing"}', None, 3) is None, "a healthy Vigie fires no alert"
+
+            # Every query of the dashboard names series Vigie exposes and is one Prometheus evaluates.
+            exposed = exposed_names("\n".join(expositions))
+            for panel, expression in panels_and_queries():
+                named = set(re.findall(r"\b(?:vigie|process)_[a-z_]+", expression))
+                assert named <= exposed, f"{panel['title']}: {named - exposed} are not exposed"
+                answer = prometheus.evaluate(expression)
+                assert answer["status"] == "success", f"{panel['title']}: {answer.get('error')}"
+            # And the panels an admin looks at first show this Vigie as it is.
+            shown = {panel["title"]: expression for panel, expression in panels_and_queries()}
+            assert prometheus.value(shown["Devices active today"], 1) == 1
+            assert prometheus.value(shown["Devices at their budget now"], 0) == 0
+            assert prometheus.value(shown["Rules"], 1) == 1
+            assert prometheus.value(shown["State store"], 1) == 1
+            assert prometheus.value(shown["Alerts firing"], 0) == 0
+            assert (prometheus.value(shown["Domains listed"], None, 1) or 0) >= 1
+            assert {series["metric"]["group"]  # type: ignore[index]
+                    for series in prometheus.query(shown["Blocks by group"])} == {"cm2-a"}
         finally:
             prometheus.stop()
