@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 # System tools the tests drive as a user would (binary:debian-package).
-TEST_TOOLS := redis-server:redis-server dig:dnsutils curl:curl chromium:chromium promtool:prometheus
+TEST_TOOLS := redis-server:redis-server dig:dnsutils curl:curl chromium:chromium promtool:prometheus wg:wireguard-tools zbarimg:zbar-tools nft:nftables
 
 .PHONY: run test lint system-deps clean
 

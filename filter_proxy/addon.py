@@ -21,11 +21,12 @@ from mitmproxy import connection, http, tls
 from blocklists.errors import NameRejected
 from blocklists.names import ip_literal, normalize_domain, parent_domains
 from filter_proxy.block_page import BlockPageFacts, CategoryText, preferred_language, render
+from filter_proxy.pac import is_pac_request, pac_response
 from filter_proxy.rewrite import enforce_safe_search, portal_redirect
 from policy.clients import Client
 from policy.decision import Action, Decision, Query, Reason
 from policy.engine import decide
-from policy.metrics import BLOCK_PAGES, PROXY_REQUESTS, PROXY_TLS
+from policy.metrics import BLOCK_PAGES, PAC_SERVED, PROXY_REQUESTS, PROXY_TLS
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
@@ -109,6 +110,10 @@ class VigieAddon:
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
+            return
+        if is_pac_request(flow):
+            flow.response = pac_response(flow)
+            PAC_SERVED.inc()
             return
         snapshot = self._snapshot()
         client = self._client_of(flow, snapshot)

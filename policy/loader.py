@@ -6,6 +6,8 @@ its source is checked when lists are loaded (`policy.snapshot`).
 
 from __future__ import annotations
 
+import base64
+import binascii
 import csv
 import ipaddress
 import os
@@ -45,6 +47,7 @@ from policy.model import (
     ServerSettings,
     TimeRange,
     UrlRule,
+    VpnSettings,
 )
 from policy.state_store import StoreAddress
 from policy.yaml_reader import Field, Problems
@@ -54,7 +57,7 @@ WEEKDAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 _DURATION = re.compile(r"^(?:(\d+)\s*h)?\s*(?:(\d+)\s*(?:m|min)?)?$")
 TOP_KEYS = ("timezone", "server", "lists", "categories", "always_block", "background", "holidays", "devices",
-            "groups", "profiles", "schedules")
+            "groups", "profiles", "schedules", "vpn")
 
 
 @dataclass(frozen=True)
@@ -206,6 +209,35 @@ def parse_listen(text: str) -> str:
     return text.strip()
 
 
+def parse_endpoint(text: str) -> str:
+    host, sep, port = text.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("not host:port")
+    return text.strip()
+
+
+def parse_wireguard_key(text: str) -> str:
+    try:
+        raw = base64.b64decode(text.strip(), validate=True)
+    except binascii.Error:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError("not a WireGuard key (44 characters of base64)")
+    return text.strip()
+
+
+def parse_seconds(text: str) -> int:
+    if not text.strip().isdigit() or not 0 <= int(text) <= 3600:
+        raise ValueError("not a number of seconds between 0 and 3600")
+    return int(text)
+
+
+def parse_interface(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9_.-]{1,15}", text.strip()):
+        raise ValueError("not an interface name")
+    return text.strip()
+
+
 def _domain(text: str) -> str:
     try:
         return normalize_domain(text)
@@ -240,11 +272,13 @@ class _RulesReader:
         devices_section = top["devices"].mapping(("inventory", "unknown")) if "devices" in top else {}
         unknown_group = self._unknown(devices_section.get("unknown"), groups)
         inventory, devices = self._inventory(devices_section.get("inventory"), groups)
+        vpn = self._vpn(top["vpn"], groups) if "vpn" in top else None
         self._check_used(profiles, schedules, groups, categories, always_block, background, top)
         return Rules(
             source=self.file, timezone=timezone, lists=lists, categories=categories, always_block=always_block,
             background=background, holidays=holidays, groups=groups, devices=devices,
             unknown_group=unknown_group, profiles=profiles, schedules=schedules, server=server, inventory=inventory,
+            vpn=vpn,
         )
 
     # -- sections -----------------------------------------------------------------------------------------------
@@ -585,6 +619,34 @@ class _RulesReader:
                 continue
             groups[name] = Group(name, tuple(networks), tuple(addresses), schedule, profile, entry.origin)
         return groups
+
+    def _vpn(self, field: Field, groups: dict[str, Group]) -> VpnSettings | None:
+        keys = field.mapping(("network", "address", "endpoint", "public_key", "route", "keepalive", "interface"),
+                             required=("network", "address", "endpoint", "public_key"))
+        network = keys["network"].converted(parse_network, "10.99.0.0/16") if "network" in keys else None
+        address = keys["address"].converted(parse_address, "10.99.0.1") if "address" in keys else None
+        endpoint = keys["endpoint"].converted(parse_endpoint, "vpn.ville.example:51820") \
+            if "endpoint" in keys else None
+        public_key = keys["public_key"].converted(parse_wireguard_key, "the output of `wg pubkey`") \
+            if "public_key" in keys else None
+        route = keys["route"].choice(("vigie", "all")) if "route" in keys else "vigie"
+        keepalive = keys["keepalive"].converted(parse_seconds, "25") if "keepalive" in keys else 25
+        interface = keys["interface"].converted(parse_interface, "wg0") if "interface" in keys else "wg0"
+        if network is not None and address is not None and address not in network:
+            keys["address"].error(f"{address} is outside vpn.network {network}: Vigie's tunnel address is one of "
+                                  "the tunnel's")
+        if network is None or address is None or endpoint is None or public_key is None or route is None \
+                or keepalive is None or interface is None:
+            return None
+        vpn = VpnSettings(network, address, endpoint, public_key, route, keepalive, interface, field.origin)
+        for group in groups.values():
+            if any(address in subnet for subnet in vpn.group_ranges(group)):
+                keys["address"].error(f"{address} is inside group {group.name!r}'s network: keep Vigie's tunnel "
+                                      "address out of the classes' ranges")
+        if not any(vpn.group_ranges(group) for group in groups.values()):
+            field.warn(f"no group has a network inside vpn.network {network}: `vigie devices enroll` needs one "
+                       "(example: `networks: [10.20.3.0/24, 10.99.1.128/26]`)")
+        return vpn
 
     def _unknown(self, field: Field | None, groups: dict[str, Group]) -> str | None:
         if field is None:

@@ -93,6 +93,7 @@ PROXY_REQUESTS = Counter("vigie_proxy_requests", "HTTP requests decided by the p
                          "and category", ["group", "action", "reason", "category"])
 PROXY_TLS = Counter("vigie_proxy_tls_connections", "TLS connections by handling (passthrough, intercept)",
                     ["handling"])
+PAC_SERVED = Counter("vigie_proxy_pac_served", "Proxy auto-configuration files (proxy.pac, wpad.dat) served")
 BLOCK_PAGES = Counter("vigie_block_pages", "Block pages served by the proxy, by reason", ["reason"])
 STATE_STORE_UP = Gauge("vigie_state_store_up", "1 while the state store (overrides, screen time) answers, else 0")
 STATE_STORE_ERRORS = Counter("vigie_state_store_errors", "Failed exchanges with the state store, by operation",

@@ -195,6 +195,25 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class VpnSettings:
+    """Home use: tablets dial the city's WireGuard server, which routes them to Vigie. Each group's VPN addresses
+    are its `networks` inside `network`."""
+
+    network: IPNetwork
+    server_address: IPAddress  # Vigie in the tunnel: the tablets' DNS server and proxy
+    endpoint: str  # host:port the tablets dial
+    server_public_key: str  # base64, as `wg pubkey` prints it
+    route: str = "vigie"  # "vigie": only Vigie's address goes through the tunnel; "all": all traffic
+    keepalive: int = 25  # seconds; keeps home routers' NAT mappings open
+    interface: str = "wg0"
+    origin: Origin | None = None
+
+    def group_ranges(self, group: Group) -> tuple[IPNetwork, ...]:
+        return tuple(network for network in group.networks
+                     if network.version == self.network.version and network.subnet_of(self.network))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
 class Rules:
     """Everything rules.yaml (and the inventory it names) says, validated."""
 
@@ -212,3 +231,4 @@ class Rules:
     schedules: dict[str, Schedule]
     server: ServerSettings
     inventory: str | None
+    vpn: VpnSettings | None = None

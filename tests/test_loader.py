@@ -39,6 +39,10 @@ schedules:
 """
 
 
+VPN = ("timezone: Europe/Paris\nvpn: {network: 10.99.0.0/16, address: 10.99.0.1, endpoint: vpn.example:51820, "
+       "public_key: l6INoJdgFbmrtqacnGTjPukNKCi4lEpGimzNgArZ0mc=}")
+
+
 def problems_of(tmp_path: Path, text: str) -> list[str]:
     (tmp_path / "city.txt").write_text("roblox.com\n")
     path = write_tree(tmp_path, {"rules.yaml": text})
@@ -94,6 +98,17 @@ BAD = [
     ("a zero refresh is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                    "  lists: {refresh: 0m}"),
      r"server.lists.refresh must be at least 1 minute"),
+    ("a VPN key that is not one is refused", ("timezone: Europe/Paris", VPN.replace("l6INo", "l6IN")),
+     r"rules.yaml:2:\d+: vpn.public_key: .*not a WireGuard key \(44 characters of base64\)"),
+    ("Vigie's tunnel address outside the tunnel is refused", ("timezone: Europe/Paris", VPN.replace(
+        "address: 10.99.0.1", "address: 10.98.0.1")), r"vpn.address: 10.98.0.1 is outside vpn.network 10.99.0.0/16"),
+    ("Vigie's tunnel address inside a class's range is refused", ("timezone: Europe/Paris", VPN.replace(
+        "network: 10.99.0.0/16, address: 10.99.0.1", "network: 10.20.0.0/16, address: 10.20.2.1")),
+     r"vpn.address: 10.20.2.1 is inside group 'cm2-b''s network"),
+    ("a VPN endpoint without a port is refused", ("timezone: Europe/Paris", VPN.replace(":51820", "")),
+     r"vpn.endpoint: 'vpn.example': not host:port"),
+    ("a VPN route is vigie or all", ("timezone: Europe/Paris", VPN.replace("}", ", route: some}")),
+     r"vpn.route: 'some' is not one of: vigie, all"),
 ]
 
 

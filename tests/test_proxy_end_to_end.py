@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from tests.conftest import free_port, write_tree
 from tests.proxy_servers import Origin, ProxyProcess, curl
@@ -81,3 +87,35 @@ def test_proxy_credentials_from_the_inventory(tmp_path: Path) -> None:
         for credentials in (("--proxy-user", "tab17:wrong"), ()):
             _, status, _ = curl(running.port, "http://allowed.example/", *credentials, *trust)
             assert status == "407"
+
+
+def test_the_proxy_serves_its_pac_file_naming_the_address_it_was_reached_at(
+        proxy: tuple[ProxyProcess, Origin]) -> None:
+    running, _ = proxy
+    for path in ("/proxy.pac", "/wpad.dat"):
+        result = subprocess.run(["curl", "-sS", "--max-time", "10", "-D", "-", f"http://127.0.0.1:{running.port}{path}"],
+                                capture_output=True, text=True, timeout=30)
+        assert "200 OK" in result.stdout and "application/x-ns-proxy-autoconfig" in result.stdout
+        assert f'return "PROXY 127.0.0.1:{running.port}";' in result.stdout, "no DIRECT fallback"
+
+
+def test_a_browser_configured_by_the_pac_file_is_filtered(proxy: tuple[ProxyProcess, Origin],
+                                                          tmp_path: Path) -> None:
+    running, _ = proxy
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert chromium, "chromium is needed (make test installs Debian's chromium package)"
+    # The tablet trusts Vigie's CA (installed by the MDM); here, by the key's fingerprint.
+    ca = x509.load_pem_x509_certificate(running.ca_file.read_bytes())
+    fingerprint = base64.b64encode(hashlib.sha256(ca.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()).decode()
+
+    def page(url: str) -> str:
+        return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--disable-features=HttpsUpgrades", "--accept-lang=fr-FR",
+                               f"--ignore-certificate-errors-spki-list={fingerprint}",
+                               f"--proxy-pac-url=http://127.0.0.1:{running.port}/proxy.pac", "--dump-dom", url],
+                              capture_output=True, text=True, timeout=90).stdout
+
+    assert "Ce site est bloqué" in page("http://roblox.com/play")
+    assert "Ce site est bloqué" in page("https://www.roblox.com/")
+    assert '"path": "/hello"' in page("http://allowed.example/hello"), "allowed sites reach the origin"

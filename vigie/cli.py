@@ -1,5 +1,5 @@
-"""The `vigie` command line: check, explain, run, dns, proxy, lists, override, usage. It wires the layers and holds
-no filtering logic."""
+"""The `vigie` command line: check, explain, run, dns, proxy, lists, override, usage, devices. It wires the layers
+and holds no filtering logic."""
 
 from __future__ import annotations
 
@@ -57,6 +57,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="ignore overrides and screen time (the rules alone)")
     explain.set_defaults(handler=run_explain)
 
+    from vigie.devices_cli import add_devices_commands
     from vigie.lists_cli import add_lists_commands
     from vigie.runner import add_run_commands
     from vigie.state_cli import add_state_commands
@@ -64,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     add_run_commands(commands)
     add_lists_commands(commands)
     add_state_commands(commands)
+    add_devices_commands(commands)
     return parser
 
 

@@ -44,14 +44,14 @@ def make_override(request: OverrideRequest, rules: Rules, now: datetime) -> Over
         device = next((d for d in rules.devices if d.name == request.device), None)
         if device is None:
             raise OverrideRefused(f"no device {request.device!r} in the inventory"
-                                  f"{_suggestion(request.device, [d.name for d in rules.devices])}")
+                                  f"{did_you_mean(request.device, [d.name for d in rules.devices])}")
         if group is not None and group != device.group:
             raise OverrideRefused(f"device {device.name} is in group {device.group}, not {group}")
         group = device.group
     if group is None:
         raise OverrideRefused("say which group (--group cm2-a) or which device (--device tab-cm2a-01)")
     if group not in rules.groups:
-        raise OverrideRefused(f"no group {group!r} in the rules{_suggestion(group, list(rules.groups))}")
+        raise OverrideRefused(f"no group {group!r} in the rules{did_you_mean(group, list(rules.groups))}")
     domain = None
     if request.kind is OverrideKind.LOCK:
         if request.domain:
@@ -82,7 +82,7 @@ def make_override(request: OverrideRequest, rules: Rules, now: datetime) -> Over
                     created_at=now)
 
 
-def _suggestion(name: str, known: list[str]) -> str:
+def did_you_mean(name: str, known: list[str]) -> str:
     close = difflib.get_close_matches(name, known, n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 

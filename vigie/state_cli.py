@@ -43,7 +43,7 @@ def add_state_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         command.add_argument("--for", dest="duration", required=True, metavar="DURATION",
                              help="how long: 45m, 2h, 1h30 (at most 7 days)")
         command.add_argument("--note", required=True, help="why, shown with the override (e.g. \"exposé CM2\")")
-        command.add_argument("--by", default=_login(), help=f"who asks (default: {_login()})")
+        command.add_argument("--by", default=login(), help=f"who asks (default: {login()})")
         _common(command)
         command.set_defaults(handler=run_override_add, kind=kind)
     listing = actions.add_parser("list", help="the overrides in force")
@@ -67,7 +67,7 @@ def _common(command: argparse.ArgumentParser) -> None:
     command.add_argument("--json", action="store_true", help="machine-readable output")
 
 
-def _login() -> str:
+def login() -> str:
     return os.environ.get("SUDO_USER") or getpass.getuser()
 
 
