@@ -26,8 +26,13 @@ def _usable(line: str) -> str | None:
 
 
 def commands_in_blocks(text: str) -> list[str]:
-    blocks = re.findall(r"```(?:sh)?\n(.*?)```", text, re.DOTALL)
-    return [args for block in blocks for line in block.splitlines() if (args := _usable(line))]
+    found, inside = [], False
+    for line in text.splitlines():
+        if line.lstrip().startswith("```"):
+            inside = not inside
+        elif inside and (args := _usable(line.strip())):
+            found.append(args)
+    return found
 
 
 def commands_inline(text: str) -> list[str]:
