@@ -217,3 +217,11 @@ def test_a_running_resolver_knows_an_enrolled_tablet_within_seconds(rules: Path)
         # Its screen time counts: the resolver reloaded the inventory and knows the device by its VPN address.
         assert wait_until(counted, 15) is not None, dns.output()
         assert "NXDOMAIN" in dig(dns.dns_port, "roblox.com", "-b", "127.99.1.130")
+
+
+def test_route_all_sends_every_address_through_the_tunnel(rules: Path) -> None:
+    rules.write_text(rules.read_text().replace("route: vigie", "route: all"))
+    assert vigie(rules, "devices", "enroll", "tab-cm2a-07", "--group", "cm2-a").returncode == 0
+    config = wireguard((rules.parent / "var" / "wireguard" / "clients" / "tab-cm2a-07.conf").read_text())
+    assert config["Peer"]["AllowedIPs"] == "0.0.0.0/0, ::/0"
+    assert config["Interface"]["DNS"] == "127.99.0.1"
