@@ -93,8 +93,8 @@ def test_the_proxy_serves_its_pac_file_naming_the_address_it_was_reached_at(
         proxy: tuple[ProxyProcess, Origin]) -> None:
     running, _ = proxy
     for path in ("/proxy.pac", "/wpad.dat"):
-        result = subprocess.run(["curl", "-sS", "--max-time", "10", "-D", "-", f"http://127.0.0.1:{running.port}{path}"],
-                                capture_output=True, text=True, timeout=30)
+        result = subprocess.run(["curl", "-sS", "--max-time", "10", "-D", "-",
+                                 f"http://127.0.0.1:{running.port}{path}"], capture_output=True, text=True, timeout=30)
         assert "200 OK" in result.stdout and "application/x-ns-proxy-autoconfig" in result.stdout
         assert f'return "PROXY 127.0.0.1:{running.port}";' in result.stdout, "no DIRECT fallback"
 
@@ -111,8 +111,8 @@ def test_a_browser_configured_by_the_pac_file_is_filtered(proxy: tuple[ProxyProc
 
     def page(url: str) -> str:
         return subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                               f"--user-data-dir={tmp_path / 'profile'}", "--disable-features=HttpsUpgrades", "--accept-lang=fr-FR",
-                               f"--ignore-certificate-errors-spki-list={fingerprint}",
+                               f"--user-data-dir={tmp_path / 'profile'}", "--disable-features=HttpsUpgrades",
+                               "--accept-lang=fr-FR", f"--ignore-certificate-errors-spki-list={fingerprint}",
                                f"--proxy-pac-url=http://127.0.0.1:{running.port}/proxy.pac", "--dump-dom", url],
                               capture_output=True, text=True, timeout=90).stdout
 
