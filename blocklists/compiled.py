@@ -27,7 +27,7 @@ from blocklists.ut1 import CategoryInfo
 log = logging.getLogger(__name__)
 
 # Bump when the layout of a compiled directory changes: older ones are then never read, only pruned.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: URL prefixes in normalize_path's form
 KEEP_COMPILED = 3
 _META_FILE = "lists.json"
 

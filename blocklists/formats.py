@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from blocklists.errors import ListError, NameRejected
-from blocklists.names import ip_literal, is_plain_name, normalize_domain
+from blocklists.names import ip_literal, is_plain_name, normalize_domain, normalize_path
 
 MAX_BAD_LINES = 1000
 _HOSTS_IGNORED = frozenset({"localhost", "localhost.localdomain", "local", "broadcasthost", "ip6-localhost",
@@ -144,10 +144,10 @@ def parse_url_line(text: str) -> UrlEntry:
         if text.lower().startswith(scheme):
             text = text[len(scheme):]
             break
-    host, slash, path = text.partition("/")
+    host, _, path = text.partition("/")
     host = host.rsplit("@", 1)[-1].split(":", 1)[0]
     address = ip_literal(host)
-    return UrlEntry(address if address is not None else normalize_domain(host), "/" + path if slash else "/")
+    return UrlEntry(address if address is not None else normalize_domain(host), normalize_path("/" + path))
 
 
 def parse_urls(source: str, lines: Iterable[str]) -> ParsedList:

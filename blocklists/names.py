@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from urllib.parse import unquote
 
 from blocklists.errors import NameRejected
 
@@ -61,3 +62,28 @@ def ip_literal(raw: str) -> str | None:
         return str(ipaddress.ip_address(text))
     except ValueError:
         return None
+
+
+def normalize_path(raw: str) -> str:
+    """A URL path (with its query) in the one form URL lists are matched in, so that spellings a web server reads
+    alike match alike: `%61dult`, `/./adult`, `/x/../adult`, `//adult`, `\\adult` and `/ADULT` all become `/adult`.
+
+    Percent-escapes are decoded once (as servers do; `%252e` stays the literal `%2e`), backslashes read as slashes,
+    repeated slashes collapse, dot segments resolve (RFC 3986 §5.2.4), and the whole is lower-cased — as squidGuard
+    does for the UT1 lists: a list entry matches every case of its path. The fragment never reaches a server."""
+    path, _, query = raw.partition("#")[0].partition("?")
+    path = unquote(path, errors="replace").replace("\\", "/")
+    segments: list[str] = []
+    for segment in path.split("/"):
+        if segment in ("", "."):
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            continue
+        segments.append(segment)
+    trailing = "/" if path.endswith(("/", "/.", "/..")) and segments else ""
+    normalized = "/" + "/".join(segments) + trailing
+    if query or raw.partition("#")[0].endswith("?"):
+        normalized += "?" + unquote(query, errors="replace")
+    return normalized.lower()

@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from mitmproxy import connection, http, tls
 
 from blocklists.errors import NameRejected
-from blocklists.names import ip_literal, normalize_domain, parent_domains
+from blocklists.names import ip_literal, normalize_domain, normalize_path, parent_domains
 from filter_proxy.block_page import BlockPageFacts, CategoryText, preferred_language, render
 from filter_proxy.pac import is_pac_request, pac_response
 from filter_proxy.rewrite import enforce_safe_search, portal_redirect
@@ -133,8 +133,10 @@ class VigieAddon:
                                 group=client.group, device=client.device, rule="domain-fronting")
             self._block(flow, host, decision, snapshot, at, status=421)
             return
-        url = f"{flow.request.scheme}://{host}{flow.request.path}"
-        decision = self._counted(decide(Query(client, host, at, flow.request.path, url), snapshot, self._state()))
+        # URL rules see the path as a server reads it: `/%61dult`, `//adult` and `/x/../adult` are `/adult`.
+        path = normalize_path(flow.request.path)
+        url = f"{flow.request.scheme}://{host}{path}"
+        decision = self._counted(decide(Query(client, host, at, path, url), snapshot, self._state()))
         PROXY_REQUESTS.labels(*decision.labels).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
             self._block(flow, host, decision, snapshot, at)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from blocklists.errors import ListError, VigieError
 from blocklists.formats import MAX_BAD_LINES, parse_adblock, parse_domains, parse_hosts, parse_urls
-from blocklists.names import normalize_domain
+from blocklists.names import normalize_domain, normalize_path
 from blocklists.ut1 import read_ut1
 
 
@@ -37,9 +37,39 @@ def test_hosts_and_adblock_formats() -> None:
 
 
 def test_url_lists_keep_host_and_path_prefix() -> None:
-    parsed = parse_urls("urls", ["www.Example.com/Path/x", "http://example.org", "203.0.113.1/p"])
+    parsed = parse_urls("urls", ["www.Example.com/Path/x", "http://example.org", "203.0.113.1/p", "a.fr/b//c/"])
     assert [(u.host, u.path_prefix) for u in parsed.urls] == [
-        ("www.example.com", "/Path/x"), ("example.org", "/"), ("203.0.113.1", "/p")]
+        ("www.example.com", "/path/x"), ("example.org", "/"), ("203.0.113.1", "/p"), ("a.fr", "/b/c/")]
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("/adult-section/1", "/adult-section/1"),
+    ("/%61dult-section/1", "/adult-section/1"),            # an escaped letter
+    ("/%2e/adult-section", "/adult-section"),               # an escaped dot segment
+    ("//adult-section//1", "/adult-section/1"),             # doubled slashes
+    ("/./adult-section", "/adult-section"),
+    ("/x/../adult-section", "/adult-section"),
+    ("/../../adult-section", "/adult-section"),             # above the root stays at the root
+    ("\\adult-section\\1", "/adult-section/1"),           # backslashes, as IIS reads them
+    ("/ADULT-Section", "/adult-section"),
+    ("/a/b/..", "/a/"),
+    ("/dir/", "/dir/"),
+    ("/search?q=%41B", "/search?q=ab"),
+    ("/page#frag", "/page"),
+    ("/%252e", "/%2e"),                                     # decoded once, as a server does
+    ("", "/"),
+])
+def test_url_paths_are_matched_as_a_server_reads_them(raw: str, expected: str) -> None:
+    assert normalize_path(raw) == expected
+
+
+@given(st.text(max_size=120))
+@example("/%")
+@example("/%zz/%c3")
+def test_any_path_normalises_to_a_clean_path(raw: str) -> None:
+    path = normalize_path(raw).split("?", 1)[0]
+    assert path.startswith("/") and "//" not in path and path == path.lower()
+    assert "/./" not in path + "/" and "/../" not in path + "/"
 
 
 def test_too_many_bad_lines_refuse_the_list() -> None:

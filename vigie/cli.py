@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from blocklists.errors import NameRejected, VigieError
-from blocklists.names import ip_literal, normalize_domain
+from blocklists.names import ip_literal, normalize_domain, normalize_path
 from policy.decision import Query
 from policy.engine import decide
 from policy.errors import ConfigError, ConfigProblem, Severity
@@ -128,7 +128,7 @@ def parse_target(raw: str) -> tuple[str, str | None, str | None]:
     parts = urlsplit(url)
     host = parts.hostname or ""
     literal = ip_literal(host)
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    path = normalize_path((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
     return (literal if literal else normalize_domain(host)), path, url
 
 
