@@ -104,6 +104,10 @@ class CompiledLists:
         return [ref for ref, bit in self.bits.items() if mask & bit]
 
     def lookup_domain(self, name: str) -> int:
+        """The list bits of a host: a name and its parents, or an IP literal (canonical form) listed as such —
+        UT1's `domains` files list addresses too. No TLD ends in a digit, so only literals reach the dict."""
+        if name[-1:].isdigit() or ":" in name:
+            return self.addresses.get(name, 0)
         return self.domains.lookup(name)
 
     def lookup_url(self, host: str, path: str, url: str) -> int:

@@ -16,7 +16,7 @@ from tests.conftest import paris, snapshot_of
 
 CITY = {
     "lists/social.txt": "tiktok.com\ninstagram.com\nfacebook.com\n",
-    "lists/games.txt": "roblox.com\nminecraft.net\n",
+    "lists/games.txt": "roblox.com\nminecraft.net\n203.0.113.66\n",
     "lists/bypass.txt": "nordvpn.com\n",
     "lists/updates.txt": "mesu.apple.com\n",
     "lists/urls.txt": "www.example-blog.fr/adult-section\n",
@@ -146,6 +146,10 @@ CASES = [
          Action.ALLOW, Reason.ALLOW_LIST),
     Case("DNS-bypass services are always blocked", SCHOOL, "dns.google", MONDAY_CLASS, Action.BLOCK,
          Reason.BYPASS, ("bypass",)),
+    Case("a DNS-over-HTTPS resolver reached by address is blocked too, at home", TABLET, "https://1.1.1.1/dns-query",
+         "2026-11-23 18:00", Action.BLOCK, Reason.BYPASS, ("bypass",)),
+    Case("an address a category list names is blocked like its names", SCHOOL, "http://203.0.113.66/play",
+         MONDAY_CLASS, Action.BLOCK, Reason.CATEGORY, ("games",)),
     Case("the Firefox canary is blocked so Firefox keeps using our DNS", TABLET, "use-application-dns.net",
          "2026-11-23 18:00", Action.BLOCK, Reason.BYPASS, ("bypass",)),
     Case("VPN services from a city list are always blocked, at home too", TABLET, "nordvpn.com",
