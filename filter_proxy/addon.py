@@ -126,10 +126,13 @@ class VigieAddon:
             return
         sni = flow.client_conn.sni
         at = self._now()
-        if flow.request.scheme == "https" and sni and normalize_host(sni) != host:
-            # Domain fronting: a harmless name in the TLS handshake, another in the request. 421 also makes a
-            # browser that merely reused a connection retry on a new one.
-            decision = Decision(Action.BLOCK, Reason.BYPASS, f"request for {host} on a connection opened for {sni}",
+        opened_for = sni if flow.request.scheme == "https" and sni else self._destination(flow)
+        if opened_for is not None and normalize_host(opened_for) != host:
+            # Domain fronting: a harmless name in the TLS handshake (or the request line, or the CONNECT), another
+            # in the Host header; the server reached would be the one, the page asked for the other. 421 also
+            # makes a browser that merely reused a connection retry on a new one.
+            decision = Decision(Action.BLOCK, Reason.BYPASS,
+                                f"request for {host} on a connection opened for {opened_for}",
                                 group=client.group, device=client.device, rule="domain-fronting")
             self._block(flow, host, decision, snapshot, at, status=421)
             return
@@ -142,6 +145,14 @@ class VigieAddon:
             self._block(flow, host, decision, snapshot, at)
         elif decision.profile is not None:
             self._rewrite(flow, host, decision, snapshot)
+
+    @staticmethod
+    def _destination(flow: http.HTTPFlow) -> str | None:
+        """The host the proxy will connect to, when the client named it (absolute-form request line, CONNECT);
+        None in transparent mode, where the destination is an address and the Host header the only name."""
+        if flow.client_conn.proxy_mode.type_name == "transparent" or flow.request.host_header is None:
+            return None
+        return flow.request.host
 
     def client_disconnected(self, client: connection.Client) -> None:
         self._connections.pop(client.id, None)

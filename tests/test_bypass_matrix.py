@@ -1,0 +1,212 @@
+"""The bypass matrix: what an inventive child might try, one line per attempt, against a running `vigie dns` (with
+`dig`) and a running `vigie proxy` (with `curl` and raw sockets), each line stating the expected outcome.
+
+The README's "Reliability" section lists the same lines."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from dnslib import EDNS0, DNSRecord
+
+from tests.conftest import free_port, write_tree
+from tests.dns_servers import UpstreamServer, VigieProcess, dig
+from tests.proxy_servers import Origin, ProxyProcess, curl
+
+FILES = {
+    "rules.yaml": """
+        timezone: Europe/Paris
+        lists:
+          games: {source: games.txt, format: domains}
+          pages: {source: pages.txt, format: urls}
+          vpn: {source: vpn.txt, format: domains}
+        categories:
+          games: [games]
+          pages: [pages]
+          bypass: [vigie/dns-bypass, vpn]
+        always_block: [bypass]
+        devices:
+          unknown: refuse
+        groups:
+          school: {networks: [127.0.0.0/8], profile: class}
+        profiles:
+          class:
+            block: [games, pages]
+            safe_search: strict
+            block_ip_literals: true
+        """,
+    # The IDN as an admin would type it, in Unicode; tablets ask in punycode.
+    "games.txt": "roblox.com\nbücher-spiele.de\n",
+    "pages.txt": "pages.example/adult-section\n",
+    "vpn.txt": "hidemyname.example\n",
+}
+LONG_NAME = ".".join(["a" * 60] * 3) + ".roblox.com"  # 194 characters under a blocked parent
+
+
+@dataclass(frozen=True)
+class Attempt:
+    attempt: str
+    args: tuple[str, ...]
+    expected: str  # what the answer shows
+
+    def __str__(self) -> str:
+        return f"{self.attempt} -> {self.expected}"
+
+
+DNS_ATTEMPTS = [
+    Attempt("mixed case", ("RoBlOx.CoM",), "NXDOMAIN"),
+    Attempt("a trailing dot", ("roblox.com.",), "NXDOMAIN"),
+    Attempt("a subdomain of a blocked name", ("www.roblox.com",), "NXDOMAIN"),
+    Attempt("a very long name under a blocked parent", (LONG_NAME,), "NXDOMAIN"),
+    Attempt("an IDN listed in Unicode, asked in punycode", ("xn--bcher-spiele-dlb.de",), "NXDOMAIN"),
+    Attempt("a look-alike that is not listed", ("notroblox.com",), "NOERROR"),
+    Attempt("a DoH resolver by name", ("dns.google",), "NXDOMAIN"),
+    Attempt("another DoH resolver by name", ("mozilla.cloudflare-dns.com",), "NXDOMAIN"),
+    Attempt("a VPN service", ("hidemyname.example",), "NXDOMAIN"),
+    Attempt("the Firefox canary", ("use-application-dns.net",), "NXDOMAIN"),
+    Attempt("iCloud Private Relay", ("mask.icloud.com",), "NXDOMAIN"),
+    Attempt("iCloud Private Relay over HTTP/2", ("mask-h2.icloud.com",), "NXDOMAIN"),
+    Attempt("the HTTPS record of a blocked name", ("roblox.com", "TYPE65"), "NXDOMAIN"),
+    Attempt("the SVCB record of a blocked name", ("roblox.com", "TYPE64"), "NXDOMAIN"),
+    Attempt("ANY for a blocked name", ("roblox.com", "ANY"), "NXDOMAIN"),
+    Attempt("DNS over TCP", ("+tcp", "roblox.com"), "NXDOMAIN"),
+    Attempt("a query carrying a client subnet", ("+subnet=203.0.113.0/24", "roblox.com"), "NXDOMAIN"),
+    Attempt("Google without safe search", ("www.google.com",), "forcesafesearch.google.com."),
+    Attempt("YouTube without restriction", ("www.youtube.com",), "restrict.youtube.com."),
+]
+
+
+@pytest.fixture(scope="module")
+def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VigieProcess, UpstreamServer, ProxyProcess]]:
+    directory = tmp_path_factory.mktemp("bypass")
+    rules = write_tree(directory, FILES)
+    with UpstreamServer() as upstream, Origin(directory) as origin, \
+            VigieProcess(rules, free_port(), upstream.port) as dns, ProxyProcess(rules, free_port(), origin) as proxy:
+        yield dns, upstream, proxy
+
+
+@pytest.mark.parametrize("attempt", DNS_ATTEMPTS, ids=str)
+def test_dns(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], attempt: Attempt) -> None:
+    dns, _, _ = fronts
+    answer = dig(dns.dns_port, *attempt.args)
+    assert attempt.expected in answer, answer
+
+
+def test_dns_the_case_a_client_chose_comes_back_as_asked(
+        fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess]) -> None:
+    dns, _, _ = fronts
+    answer = dig(dns.dns_port, "ExAmPlE.oRg")
+    assert ";ExAmPlE.oRg." in answer and "ExAmPlE.oRg.\t" in answer, answer  # 0x20: question and answer
+
+
+def test_dns_a_client_subnet_never_reaches_the_upstream(
+        fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess]) -> None:
+    dns, upstream, _ = fronts
+    dig(dns.dns_port, "+subnet=203.0.113.0/24", "ecs-check.example")
+    sent = [DNSRecord.parse(p) for p in upstream.packets if b"ecs-check" in p.lower()]
+    assert sent, "the name was forwarded"
+    options = [option for packet in sent for rr in packet.ar if isinstance(rr.rdata, list)
+               for option in rr.rdata if isinstance(option, EDNS0)]
+    assert all(getattr(option, "code", None) != 8 for option in options), "EDNS client subnet (option 8) removed"
+    assert b"\xcb\x00\x71" not in b"".join(p for p in upstream.packets if b"ecs-check" in p.lower())
+
+
+def test_dns_a_name_longer_than_dns_allows_gets_formerr_and_the_server_goes_on(
+        fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess]) -> None:
+    dns, _, _ = fronts
+    # Five 63-byte labels: 320 bytes of name, over the 255 the protocol allows (dig refuses to send it).
+    name = b"".join(bytes([63]) + b"a" * 63 for _ in range(5)) + b"\x06roblox\x03com\x00"
+    packet = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00" + name + b"\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as client:
+        client.settimeout(2)
+        client.sendto(packet, ("127.0.0.1", dns.dns_port))
+        try:
+            reply = client.recv(4096)
+            assert reply[:2] == b"\x12\x34" and reply[3] & 0x0F in (1, 3), "FORMERR (or NXDOMAIN), never an address"
+        except TimeoutError:
+            pass  # no answer is an answer too
+    assert "NOERROR" in dig(dns.dns_port, "example.org"), "still serving"
+
+
+PROXY_ATTEMPTS = [
+    Attempt("mixed case", ("http://RoBlOx.CoM/",), "403"),
+    Attempt("a trailing dot", ("http://roblox.com./",), "403"),
+    Attempt("a subdomain of a blocked name", ("http://www.roblox.com/",), "403"),
+    Attempt("an IDN in punycode", ("http://xn--bcher-spiele-dlb.de/",), "403"),
+    Attempt("an IDN in Unicode", ("http://bücher-spiele.de/",), "403"),
+    Attempt("another port", ("http://roblox.com:8080/",), "403"),
+    Attempt("user info that looks like an allowed host", ("http://allowed.example@roblox.com/",), "403"),
+    Attempt("an IP-literal URL", ("http://192.0.2.10/",), "403"),
+    Attempt("an IPv6-literal URL", ("http://[2001:db8::10]/",), "403"),
+    Attempt("a listed URL", ("http://pages.example/adult-section/1",), "403"),
+    Attempt("a listed URL with an escaped letter", ("--path-as-is", "http://pages.example/%61dult-section/1"),
+            "403"),
+    Attempt("a listed URL with an escaped dot segment", ("--path-as-is", "http://pages.example/%2e/adult-section"),
+            "403"),
+    Attempt("a listed URL with doubled slashes", ("--path-as-is", "http://pages.example//adult-section//1"), "403"),
+    Attempt("a listed URL with a dot segment", ("--path-as-is", "http://pages.example/./adult-section/1"), "403"),
+    Attempt("a listed URL climbing back", ("--path-as-is", "http://pages.example/x/../adult-section/1"), "403"),
+    Attempt("a listed URL in capitals", ("http://pages.example/ADULT-SECTION/1",), "403"),
+    Attempt("the same host outside the listed path", ("http://pages.example/recipes",), "200"),
+    Attempt("a DoH resolver by name", ("https://dns.google/dns-query",), "403"),
+    Attempt("a DoH resolver by address", ("https://1.1.1.1/dns-query",), "403"),
+    Attempt("HTTPS to an IP address", ("https://192.0.2.10/",), "403"),
+    Attempt("a VPN service", ("https://hidemyname.example/",), "403"),
+    Attempt("the Firefox canary", ("http://use-application-dns.net/",), "403"),
+    Attempt("iCloud Private Relay", ("https://mask.icloud.com/",), "403"),
+    Attempt("a Host header that differs from the TLS name of an intercepted host (domain fronting)",
+            ("-H", "Host: www.roblox.com", "https://www.google.com/"), "421"),
+    Attempt("a harmless CONNECT carrying a blocked TLS name",
+            ("--connect-to", "www.roblox.com:443:allowed.example:443", "https://www.roblox.com/"), "403"),
+    Attempt("an allowed site", ("http://allowed.example/",), "200"),
+]
+
+
+@pytest.mark.parametrize("attempt", PROXY_ATTEMPTS, ids=str)
+def test_proxy(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], attempt: Attempt) -> None:
+    _, _, proxy = fronts
+    *options, url = attempt.args
+    code, status, body = curl(proxy.port, url, "--cacert", str(proxy.ca_file), *options)
+    assert status == attempt.expected, (code, status, body[:300])
+
+
+def raw_request(port: int, request: bytes) -> bytes:
+    """Send `request` as is to the proxy; its whole answer (the proxy closes or answers within 5 s)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as connection:
+        connection.sendall(request)
+        received = b""
+        try:
+            while chunk := connection.recv(65536):
+                received += chunk
+                if b"\r\n\r\n" in received:
+                    break
+        except TimeoutError:
+            pass
+    return received
+
+
+RAW_ATTEMPTS = [
+    Attempt("HTTP/1.0 absolute-form without Host", ("GET http://roblox.com/ HTTP/1.0\r\n\r\n",), "403"),
+    Attempt("HTTP/1.0 origin-form without Host (no destination)", ("GET /play HTTP/1.0\r\n\r\n",), "400"),
+    Attempt("origin-form with a blocked Host, sent to the proxy as to a server",
+            ("GET /play HTTP/1.1\r\nHost: roblox.com\r\n\r\n",), "403"),
+    Attempt("absolute-form to a blocked host with an allowed Host header",
+            ("GET http://roblox.com/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n",), "421"),
+    Attempt("absolute-form to an allowed host with a blocked Host header",
+            ("GET http://allowed.example/ HTTP/1.1\r\nHost: roblox.com\r\n\r\n",), "421"),
+    Attempt("CONNECT to DNS over TLS at a resolver's address",
+            ("CONNECT 1.1.1.1:853 HTTP/1.1\r\nHost: 1.1.1.1:853\r\n\r\n",), "403"),
+    Attempt("CONNECT to DNS over TLS by name", ("CONNECT dns.google:853 HTTP/1.1\r\nHost: dns.google:853\r\n\r\n",),
+            "403"),
+]
+
+
+@pytest.mark.parametrize("attempt", RAW_ATTEMPTS, ids=str)
+def test_proxy_raw(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], attempt: Attempt) -> None:
+    _, _, proxy = fronts
+    answer = raw_request(proxy.port, attempt.args[0].encode())
+    status_line = answer.split(b"\r\n", 1)[0].decode(errors="replace")
+    assert status_line.split(" ")[1:2] == [attempt.expected], answer[:300]
