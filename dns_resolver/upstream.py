@@ -51,6 +51,8 @@ class Upstream:
         self.failures += 1
         if self.failures == 3:
             UPSTREAM_UP.labels(self.label).set(0)
+            log.warning("upstream %s gave no usable answer 3 times in a row: the others carry the queries until it "
+                        "answers again", self.label)
         if self.failures >= 3:
             # Back off for a while; the other upstreams carry the load meanwhile.
             self.down_until = time.monotonic() + min(30.0, 2.0 * self.failures)
@@ -58,6 +60,7 @@ class Upstream:
     def succeeded(self) -> None:
         if self.failures >= 3:
             UPSTREAM_UP.labels(self.label).set(1)
+            log.warning("upstream %s answers again", self.label)
         self.failures, self.down_until = 0, 0.0
 
 

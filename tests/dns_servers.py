@@ -34,8 +34,10 @@ devices:
 class UpstreamServer:
     """A UDP DNS server on 127.0.0.1 that answers every A question with `address`; records what it was asked.
 
-    Its behaviour can change mid-test: `ttl`, `delay` (seconds before answering), `mode` (`answer`, `silent`,
-    `servfail`)."""
+    Its behaviour can change mid-test: `ttl`, `delay` (seconds before answering), `mode`: `answer`, `silent`,
+    `servfail`, or a hostile or broken server's answers — `garbage` (random bytes), `wrong_id` (a good answer with
+    another ID), `wrong_question` (the right ID, another name: a poisoning attempt), `mangled` (the right ID and
+    question, then a broken record)."""
 
     def __init__(self, address: str = "192.0.2.1", ttl: int = 300) -> None:
         self.address = address
@@ -81,6 +83,9 @@ class UpstreamServer:
     def _answer(self, request: DNSRecord, peer: tuple[str, int]) -> None:
         reply = request.reply()
         question = request.questions[0]
+        if self.mode in ("garbage", "wrong_id", "wrong_question", "mangled"):
+            self._hostile(request, peer)
+            return
         if self.mode == "servfail":
             reply.header.rcode = 2
         elif question.qtype == QTYPE.A:
@@ -90,6 +95,23 @@ class UpstreamServer:
                 reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=self.ttl))
         with contextlib.suppress(OSError):
             self.sock.sendto(reply.pack(), peer)
+
+    def _hostile(self, request: DNSRecord, peer: tuple[str, int]) -> None:
+        if self.mode == "garbage":
+            packet = os.urandom(64)
+        elif self.mode == "mangled":
+            packet = request.reply().pack()[:-4] + b"\xc0\x0c\x00\x01\x00\x01\xff"  # a record cut short
+            packet = packet[:6] + b"\x00\x01" + packet[8:]  # one answer announced
+        else:
+            reply = request.reply()
+            if self.mode == "wrong_question":
+                reply.questions[0].qname = "poisoned.example"
+            reply.add_answer(RR(reply.questions[0].qname, QTYPE.A, rdata=A("203.0.113.66"), ttl=86400))
+            if self.mode == "wrong_id":
+                reply.header.id = (request.header.id + 1) % 65536
+            packet = reply.pack()
+        with contextlib.suppress(OSError):
+            self.sock.sendto(packet, peer)
 
 
 class RunningVigie:
