@@ -78,3 +78,21 @@ def test_explain_includes_the_overrides_in_the_state_store(tmp_path: Path) -> No
     assert f"with the overrides and screen time in sqlite://{tmp_path}/var/state.sqlite3" in result.stdout
     rules_only = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--no-state", "www.roblox.com")
     assert "decision: BLOCK (category)" in rules_only.stdout
+
+
+def test_a_name_from_a_device_cannot_forge_a_log_line() -> None:
+    script = (
+        "import logging\n"
+        "from vigie.cli import configure_logging\n"
+        "configure_logging(logging.INFO)\n"
+        "sni = 'x.example\\n2026-11-26 08:00:00,000 INFO vigie.runner: rules reloaded\\u2028'\n"
+        "logging.getLogger('mitmproxy.proxy.server').warning(f'Client TLS handshake failed for {sni}')\n"
+        "logging.getLogger('vigie.test').warning('host %s refused', sni)\n"
+        "logging.getLogger('vigie.test').error('reload refused:\\n%s', 'a problem')\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 4, lines  # two forged lines escaped, our own two-line message kept as written
+    assert lines[0].endswith(r"for x.example\x0a2026-11-26 08:00:00,000 INFO vigie.runner: rules reloaded\u2028")
+    assert lines[1].endswith(r"host x.example\x0a2026-11-26 08:00:00,000 INFO vigie.runner: rules reloaded\u2028 "
+                             "refused")
+    assert lines[3] == "a problem"

@@ -7,6 +7,8 @@ import base64
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
@@ -209,3 +211,25 @@ def test_a_reload_that_moves_a_network_applies_to_open_connections(tmp_path: Pat
                      .replace("home: {networks: [10.50.0.0/16]", "home: {networks: [127.0.0.0/8]"))
     snapshots.append(load_snapshot(rules, ListCache(), generation=2).snapshot)
     assert roblox() == 200  # same connection, now the home group, which does not block games
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host=st.text(max_size=70), path=st.binary(max_size=160), accept=st.text(max_size=40))
+@example(host="roblox.com.", path=b"/%2e%2e/%00", accept="")
+@example(host="[::1]", path=b"//\\..\\x", accept="*;q=x")
+def test_any_host_path_and_language_get_a_decision_never_an_exception(snapshot: Snapshot, host: str, path: bytes,
+                                                                        accept: str) -> None:
+    client = tflow.tclient_conn()
+    client.peername = ("127.0.0.1", 50000)
+    headers = http.Headers([(b"Host", host.encode("utf-8", "surrogatepass")),
+                            (b"Accept-Language", accept.encode("utf-8", "surrogatepass"))])
+    flow = tflow.tflow(client_conn=client, req=tutils.treq(host="allowed.example", port=80, authority=b"",
+                                                           path=b"/" + path, headers=headers, content=b""))
+    addon = VigieAddon(lambda: snapshot, lambda: EMPTY_STATE, now=lambda: CLASS_TIME)
+
+    async def hook() -> None:
+        with taddons.context(addon):
+            addon.requestheaders(flow)
+
+    asyncio.run(hook())
+    assert flow.response is None or flow.response.status_code in (200, 400, 403, 421)

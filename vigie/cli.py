@@ -27,8 +27,7 @@ DEFAULT_RULES = Path("rules.yaml")
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         result: int = args.handler(args)
         return result
@@ -37,6 +36,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+
+
+_CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x2028: "\\u2028",
+                                                                                  0x2029: "\\u2029"}
+_OUR_PACKAGES = ("vigie", "policy", "dns_resolver", "filter_proxy", "blocklists")
+
+
+class EscapeControlCharacters(logging.Filter):
+    """Host names, SNI and paths come from children's devices: a newline in one must not forge a log line. Our own
+    messages keep their layout (a refused reload lists its problems line by line) and have their string arguments
+    escaped; other libraries' messages (mitmproxy's, which put hosts in the text) are escaped whole."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name.split(".", 1)[0] in _OUR_PACKAGES:
+            if isinstance(record.args, tuple):
+                record.args = tuple(arg.translate(_CONTROL_CHARACTERS) if isinstance(arg, str) else arg
+                                    for arg in record.args)
+        else:
+            record.msg, record.args = record.getMessage().translate(_CONTROL_CHARACTERS), None
+        return True
+
+
+def configure_logging(level: int) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(EscapeControlCharacters())
 
 
 def _parser() -> argparse.ArgumentParser:
