@@ -92,6 +92,7 @@ class DnsFront:
         self._clients: dict[str, tuple[int, Client | None]] = {}
         self._views: dict[str, tuple[int, int, float, object]] = {}
         self.replies = ReplyCache()
+        self.tcp_connections: dict[str, int] = {}  # open TCP connections per client address
 
     def client_of(self, address: str, snapshot: Snapshot) -> Client | None:
         """The client behind a source address, remembered per rules generation (parsing an address costs more
@@ -467,13 +468,26 @@ def _truncated(answer: bytes) -> bytes:
     return wire
 
 
+TCP_CONNECTIONS_PER_CLIENT = 32  # a resolver or a browser keeps a few; thousands would be an attack on our files
+
+
 async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    peer = writer.get_extra_info("peername")
+    address = writer.get_extra_info("peername")[0]
+    open_now = front.tcp_connections.get(address, 0)
+    if open_now >= TCP_CONNECTIONS_PER_CLIENT:
+        DNS_RATE_LIMITED.inc()
+        writer.close()
+        return
+    front.tcp_connections[address] = open_now + 1
+    limiter = front.rate_limiter
     try:
-        while True:  # several queries per connection
+        while True:  # several queries per connection, under the same per-client rate as UDP
             header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
             packet = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header)[0]), timeout=10)
-            answered = await front.handle(packet, peer[0])
+            if limiter is not None and not limiter.allow(address, time.perf_counter()):
+                DNS_RATE_LIMITED.inc()
+                break
+            answered = await front.handle(packet, address)
             if answered is None:
                 break
             writer.write(struct.pack("!H", len(answered.wire)) + answered.wire)
@@ -482,6 +496,11 @@ async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, write
         pass
     finally:
         writer.close()
+        remaining = front.tcp_connections.get(address, 1) - 1
+        if remaining:
+            front.tcp_connections[address] = remaining
+        else:
+            front.tcp_connections.pop(address, None)
 
 
 RECEIVE_BUFFER_BYTES = 8 * 1024 * 1024

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import socket
+import struct
+import time
 from pathlib import Path
 
 from dnslib import DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from dns_resolver.server import TCP_CONNECTIONS_PER_CLIENT
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import UpstreamServer, VigieProcess, dig
 from tests.test_dns_fastpath import RULES
@@ -70,3 +73,42 @@ def test_garbage_never_stops_the_server(tmp_path: Path) -> None:
         assert "status: NOERROR" in dig(vigie.dns_port, "lumni.fr")
         assert vigie.process.poll() is None
         assert "Traceback" not in vigie.output()
+
+
+def tcp_query(connection: socket.socket, name: str) -> DNSRecord | None:
+    """One query over an open TCP connection; None when the server closed it instead of answering."""
+    wire = DNSRecord.question(name).pack()
+    try:
+        connection.sendall(struct.pack("!H", len(wire)) + wire)
+        header = connection.recv(2)
+    except (BrokenPipeError, ConnectionResetError):
+        return None
+    if len(header) < 2:
+        return None
+    length, body = struct.unpack("!H", header)[0], b""
+    while len(body) < length:
+        body += connection.recv(length - len(body))
+    return DNSRecord.parse(body)
+
+
+def test_tcp_is_held_to_a_connection_cap_and_the_same_rate_as_udp(tmp_path: Path) -> None:
+    limited = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {rate_limit: 20/s}")
+    rules = write_tree(tmp_path, {"rules.yaml": limited, "games.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie:
+        connections = [socket.create_connection(("127.0.0.1", vigie.dns_port), timeout=3)
+                       for _ in range(TCP_CONNECTIONS_PER_CLIENT + 8)]
+        try:
+            over = connections[TCP_CONNECTIONS_PER_CLIENT:]
+            assert all(tcp_query(c, "lumni.fr") is None for c in over), "over the cap: closed at once"
+            answered = [tcp_query(c, "lumni.fr") for c in connections[:TCP_CONNECTIONS_PER_CLIENT]]
+            assert all(a is not None and a.header.rcode == 0 for a in answered[:20]), "within the rate"
+            flood = connections[0]
+            results = [tcp_query(flood, "lumni.fr") for _ in range(60)]
+            assert None in results, "a client over its rate loses its connection"
+        finally:
+            for connection in connections:
+                connection.close()
+        time.sleep(1.5)
+        with socket.create_connection(("127.0.0.1", vigie.dns_port), timeout=3) as fresh:
+            answer = tcp_query(fresh, "lumni.fr")
+            assert answer is not None and answer.header.rcode == 0, "the limits reset"
