@@ -166,6 +166,8 @@ def print_report(report: dict[str, object], log_text: str) -> None:
     print(f"  Vigie's counters: {report['errors']}")
     print(f"  log: {log_text.count(' ERROR ')} ERROR line(s), {log_text.count('Traceback')} traceback(s); "
           f"service {'still running' if report['alive'] else 'STOPPED'}")
+    for line in [line for line in log_text.splitlines() if " ERROR " in line or " WARNING " in line][:10]:
+        print(f"    {line}")
 
 
 if __name__ == "__main__":

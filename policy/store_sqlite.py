@@ -49,7 +49,7 @@ class SqliteStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Autocommit; transactions are explicit. Several threads (the admin API) may share the connection.
             self._db = sqlite3.connect(path, timeout=5.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._enable_wal()
             self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across a crash of Vigie
             with self._transaction():
                 for statement in _SCHEMA:  # not executescript(): it would commit our transaction
@@ -58,6 +58,20 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"state store sqlite://{path}: {exc}") from None
         self._pruned_on: date | None = None
+
+    def _enable_wal(self, seconds: float = 5.0) -> None:
+        """WAL mode, set once per file. SQLite answers "database is locked" at once, without waiting, to a process
+        switching a file to WAL while another does the same (the workers and the proxy of one server starting
+        together): wait for the other, as the busy timeout does for everything else."""
+        deadline = time.monotonic() + seconds
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if ("locked" not in str(exc) and "busy" not in str(exc)) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
 
     def _check_version(self) -> None:
         row = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
