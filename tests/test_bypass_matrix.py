@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 from dnslib import EDNS0, DNSRecord
 
-from tests.conftest import free_port, write_tree
+from tests.conftest import REPO, free_port, write_tree
 from tests.dns_servers import UpstreamServer, VigieProcess, dig
 from tests.proxy_servers import Origin, ProxyProcess, curl
 
@@ -210,3 +210,9 @@ def test_proxy_raw(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], at
     answer = raw_request(proxy.port, attempt.args[0].encode())
     status_line = answer.split(b"\r\n", 1)[0].decode(errors="replace")
     assert status_line.split(" ")[1:2] == [attempt.expected], answer[:300]
+
+
+def test_the_readme_lists_every_attempt() -> None:
+    readme = (REPO / "README.md").read_text().split("## Reliability", 1)[1].split("\n## ", 1)[0]
+    missing = [a.attempt for a in DNS_ATTEMPTS + PROXY_ATTEMPTS + RAW_ATTEMPTS if f"| {a.attempt}: `" not in readme]
+    assert not missing, f"the README's Reliability section lacks: {missing}"

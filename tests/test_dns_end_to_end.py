@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from dnslib import QTYPE, RCODE, DNSRecord
+from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
@@ -83,6 +83,16 @@ def test_clients_outside_the_groups_are_refused(running: tuple[VigieProcess, Ups
     out = dig(vigie.dns_port, "-b", "127.0.0.2", "example.org", "A")
     assert "status: REFUSED" in out
     assert upstream.asked == []
+    # No amplification: the refusal is no larger than the question, with or without EDNS, also for ANY.
+    for query in (DNSRecord.question("example.org", "ANY"), DNSRecord.question("example.org")):
+        if query.q.qtype != 255:
+            query.add_ar(EDNS0(udp_len=4096))
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.bind(("127.0.0.2", 0))
+            sock.settimeout(2)
+            sock.sendto(query.pack(), ("127.0.0.1", vigie.dns_port))
+            reply = sock.recv(4096)
+        assert DNSRecord.parse(reply).header.rcode == 5 and len(reply) <= len(query.pack())
 
 
 def test_malformed_packets_get_formerr_or_nothing_and_the_server_goes_on(
