@@ -23,6 +23,13 @@ def test_check_accepts_valid_rules_with_a_summary(tmp_path: Path) -> None:
     assert "games                        2 domains" in result.stdout
 
 
+def test_check_takes_the_rules_as_every_other_command_does_too(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\nminecraft.net\n"})
+    assert vigie("check", "--rules", str(rules)).returncode == 0
+    both = vigie("check", str(rules), "--rules", str(tmp_path / "other.yaml"))
+    assert both.returncode == 1 and "two rules files named" in both.stderr
+
+
 def test_check_lists_every_error_and_exits_1(tmp_path: Path) -> None:
     text = BASE.replace("10.20.2.0/24", "10.20.300.0/24").replace("[games]}", "[gmaes]}")
     rules = write_tree(tmp_path, {"rules.yaml": text, "city.txt": "roblox.com\n"})

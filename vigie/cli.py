@@ -70,7 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     check = commands.add_parser("check", help="validate rules.yaml, the inventory and local lists")
-    check.add_argument("rules", nargs="?", type=Path, default=DEFAULT_RULES)
+    check.add_argument("rules", nargs="?", type=Path, default=None)
+    # `--rules` as every other command takes it, so an admin's habit works here too.
+    check.add_argument("--rules", dest="rules_option", type=Path, metavar="RULES")
     check.set_defaults(handler=run_check)
 
     explain = commands.add_parser("explain", help="show what Vigie decides for a client, a name or URL, a time")
@@ -100,6 +102,9 @@ def print_problems(problems: Sequence[ConfigProblem]) -> None:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    if args.rules is not None and args.rules_option is not None and args.rules != args.rules_option:
+        raise VigieError(f"two rules files named ({args.rules} and --rules {args.rules_option}): name one")
+    args.rules = args.rules or args.rules_option or DEFAULT_RULES
     try:
         loaded = load_snapshot(args.rules)
     except ConfigError as exc:
