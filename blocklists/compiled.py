@@ -19,15 +19,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from blocklists.errors import ListError
-from blocklists.formats import Problem, UrlEntry
-from blocklists.matcher import DomainTable, UrlMatcher
+from blocklists.formats import Problem
+from blocklists.matcher import DomainTable, MaskedKeys, UrlMatcher
 from blocklists.sources import CategoryStats, CompiledLists, compile_expressions
 from blocklists.ut1 import CategoryInfo
 
 log = logging.getLogger(__name__)
 
 # Bump when the layout of a compiled directory changes: older ones are then never read, only pruned.
-FORMAT_VERSION = 2  # 2: URL prefixes in normalize_path's form
+FORMAT_VERSION = 3  # 2: URL prefixes in normalize_path's form; 3: URL prefixes and addresses in tries
 KEEP_COMPILED = 3
 _META_FILE = "lists.json"
 
@@ -118,11 +118,11 @@ def _mtime(path: Path) -> float:
 
 def _write(compiled: CompiledLists, directory: Path) -> None:
     compiled.domains.save(directory)
+    compiled.urls.save(directory)
+    compiled.addresses.save(directory, "addresses")
     meta = {
         "bits": {ref: bit.bit_length() - 1 for ref, bit in compiled.bits.items()},
         "aliases": dict(compiled.aliases),
-        "urls": [[entry.host, entry.path_prefix, hex(mask)] for entry, mask in compiled.urls.entries()],
-        "addresses": {address: hex(mask) for address, mask in compiled.addresses.items()},
         "expressions": [[pattern.pattern, hex(bit)] for pattern, bit in compiled.expressions],
         "stats": [[s.ref, s.domains, s.urls, s.addresses, s.expressions] for s in compiled.stats],
         "info": {ref: [i.name, i.default_type, i.titles, i.descriptions] for ref, i in compiled.info.items()},
@@ -142,8 +142,8 @@ def _read(directory: Path) -> CompiledLists:
             bits={ref: 1 << index for ref, index in meta["bits"].items()},
             aliases=meta["aliases"],
             domains=DomainTable.open(directory),
-            urls=UrlMatcher((UrlEntry(host, path), int(mask, 16)) for host, path, mask in meta["urls"]),
-            addresses={address: int(mask, 16) for address, mask in meta["addresses"].items()},
+            urls=UrlMatcher.open(directory),
+            addresses=MaskedKeys.open(directory, "addresses"),
             expressions=tuple(expressions),
             stats=tuple(CategoryStats(*row) for row in meta["stats"]),
             info={ref: CategoryInfo(*row) for ref, row in meta["info"].items()},

@@ -137,29 +137,120 @@ class DomainTable:
 
     def save(self, directory: Path) -> None:
         self._trie.save(str(directory / _TRIE_FILE))
-        (directory / _COMBINATIONS_FILE).write_bytes(
-            bytes([1 if self._combinations.format == "H" else 2]) + self._combinations.tobytes())
+        _save_numbers(directory / _COMBINATIONS_FILE, self._combinations)
         (directory / _MASKS_FILE).write_text(json.dumps([[hex(b), hex(e)] for b, e in self._pairs]))
 
     @classmethod
     def open(cls, directory: Path) -> DomainTable:
         """Map a saved table; pages are read on demand and shared with every process mapping the same files."""
         try:
-            trie = marisa_trie.Trie()
-            trie.mmap(str(directory / _TRIE_FILE))
-            with open(directory / _COMBINATIONS_FILE, "rb") as file:
-                buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+            trie = _map_trie(directory / _TRIE_FILE)
             pairs = tuple((int(b, 16), int(e, 16)) for b, e in json.loads((directory / _MASKS_FILE).read_text()))
         except (OSError, ValueError, RuntimeError) as exc:
             raise ListError(f"{directory}: compiled lists unreadable ({exc})") from None
-        marker = buffer[0] if len(buffer) else 0
-        width: _Width = "H" if marker == 1 else "I"
-        view = memoryview(buffer)[1:]
-        if marker not in (1, 2) or len(view) != len(trie) * (2 if width == "H" else 4):
-            view.release()
-            buffer.close()
+        numbers, buffer = _map_numbers(directory / _COMBINATIONS_FILE, len(trie))
+        return cls(trie, numbers, pairs, buffer)
+
+
+def _numbered(values: list[int]) -> tuple[memoryview, tuple[int, ...]]:
+    """`values` as an array of small numbers into a tuple of their distinct values (2 bytes each when they fit)."""
+    distinct: dict[int, int] = {}
+    numbers = [distinct.setdefault(value, len(distinct)) for value in values]
+    width: _Width = "H" if len(distinct) <= 0xFFFF else "I"
+    return memoryview(array.array(width, numbers).tobytes()).cast(width), tuple(distinct)
+
+
+def _save_numbers(path: Path, numbers: memoryview) -> None:
+    path.write_bytes(bytes([1 if numbers.format == "H" else 2]) + numbers.tobytes())
+
+
+def _map_trie(path: Path) -> marisa_trie.Trie:
+    trie = marisa_trie.Trie()
+    trie.mmap(str(path))
+    return trie
+
+
+def _map_numbers(path: Path, count: int) -> tuple[memoryview, mmap.mmap]:
+    """The array saved by `_save_numbers`, memory-mapped; it must hold `count` numbers (one per trie key)."""
+    try:
+        with open(path, "rb") as file:
+            buffer = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+    except (OSError, ValueError) as exc:
+        raise ListError(f"{path.parent}: compiled lists unreadable ({exc})") from None
+    marker = buffer[0] if len(buffer) else 0
+    width: _Width = "H" if marker == 1 else "I"
+    view = memoryview(buffer)[1:]
+    if marker not in (1, 2) or len(view) != count * (2 if width == "H" else 4):
+        view.release()
+        buffer.close()
+        raise ListError(f"{path.parent}: compiled lists truncated or of another version")
+    return view.cast(width), buffer
+
+
+class MaskedKeys:
+    """Exact text keys, each with a mask: a MARISA trie, and per key id the number of its mask among the distinct
+    masks. Saved, both are memory-mapped like `DomainTable`, so tens of thousands of URL prefixes or addresses
+    cost each process a few pages instead of megabytes of Python objects."""
+
+    __slots__ = ("_buffer", "_masks", "_numbers", "_trie")
+
+    def __init__(self, trie: marisa_trie.Trie, numbers: memoryview, masks: tuple[int, ...],
+                 buffer: mmap.mmap | None = None) -> None:
+        self._trie = trie
+        self._numbers = numbers
+        self._masks = masks
+        self._buffer = buffer  # keeps the mapping of `numbers` open
+
+    @classmethod
+    def build(cls, items: Iterable[tuple[str, int]]) -> MaskedKeys:
+        """A key given several times carries all its masks."""
+        merged: dict[str, int] = {}
+        for key, mask in items:
+            merged[key] = merged.get(key, 0) | mask
+        trie = marisa_trie.Trie(merged)
+        masks = [0] * len(trie)
+        for key, mask in merged.items():
+            masks[trie.key_id(key)] = mask
+        numbers, distinct = _numbered(masks)
+        return cls(trie, numbers, distinct)
+
+    def __len__(self) -> int:
+        return len(self._trie)
+
+    def get(self, key: str, default: int = 0) -> int:
+        key_id = self._trie.get(key)
+        return default if key_id is None else self._masks[self._numbers[key_id]]
+
+    def prefixes_mask(self, text: str) -> int:
+        """The masks of every key that `text` starts with, together."""
+        found = 0
+        for _, key_id in self._trie.iter_prefixes_with_ids(text):
+            found |= self._masks[self._numbers[key_id]]
+        return found
+
+    def has_keys_starting(self, prefix: str) -> bool:
+        return next(self._trie.iterkeys(prefix), None) is not None
+
+    def items(self) -> Iterator[tuple[str, int]]:
+        for key, key_id in self._trie.iteritems():
+            yield key, self._masks[self._numbers[key_id]]
+
+    def save(self, directory: Path, stem: str) -> None:
+        self._trie.save(str(directory / f"{stem}.marisa"))
+        _save_numbers(directory / f"{stem}.bin", self._numbers)
+        (directory / f"{stem}.json").write_text(json.dumps([hex(mask) for mask in self._masks]))
+
+    @classmethod
+    def open(cls, directory: Path, stem: str) -> MaskedKeys:
+        try:
+            trie = _map_trie(directory / f"{stem}.marisa")
+            masks = tuple(int(mask, 16) for mask in json.loads((directory / f"{stem}.json").read_text()))
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise ListError(f"{directory}: compiled lists unreadable ({exc})") from None
+        numbers, buffer = _map_numbers(directory / f"{stem}.bin", len(trie))
+        if any(number >= len(masks) for number in numbers):
             raise ListError(f"{directory}: compiled lists truncated or of another version")
-        return cls(trie, view.cast(width), pairs, buffer)
+        return cls(trie, numbers, masks, buffer)
 
 
 def file_sizes(directory: Path) -> int:
@@ -167,39 +258,52 @@ def file_sizes(directory: Path) -> int:
     return sum(os.path.getsize(directory / name) for name in (_TRIE_FILE, _COMBINATIONS_FILE, _MASKS_FILE))
 
 
-@dataclass(frozen=True)
-class UrlPrefix:
-    path_prefix: str
-    mask: int
+def _storable(text: str) -> str:
+    """A path may hold undecodable bytes (kept as lone surrogates), which the trie cannot encode: the text's bytes
+    as Latin-1 characters instead, one per byte, so a prefix stays a prefix."""
+    return text if text.isascii() else text.encode("utf-8", "surrogateescape").decode("latin-1")
+
+
+def _readable(key: str) -> str:
+    return key if key.isascii() else key.encode("latin-1").decode("utf-8", "surrogateescape")
 
 
 class UrlMatcher:
-    """URL-list entries keyed by host; a request matches an entry of its host or a parent with a path prefix."""
+    """URL-list entries by host; a request matches an entry of its host or a parent whose path prefix starts its
+    path. Keys are `host path-prefix`: a space never occurs in a host, so the trie's prefixes of `host path` are
+    exactly that host's entries whose path prefix starts the path."""
 
-    __slots__ = ("_by_host",)
+    __slots__ = ("_keys",)
 
-    def __init__(self, entries: Iterable[tuple[UrlEntry, int]]) -> None:
-        by_host: dict[str, list[UrlPrefix]] = {}
-        for entry, mask in entries:
-            by_host.setdefault(entry.host, []).append(UrlPrefix(entry.path_prefix, mask))
-        self._by_host = {host: tuple(prefixes) for host, prefixes in by_host.items()}
+    def __init__(self, keys: MaskedKeys) -> None:
+        self._keys = keys
+
+    @classmethod
+    def build(cls, entries: Iterable[tuple[UrlEntry, int]]) -> UrlMatcher:
+        return cls(MaskedKeys.build((_storable(f"{entry.host} {entry.path_prefix}"), mask)
+                                    for entry, mask in entries))
 
     def __len__(self) -> int:
-        return sum(len(prefixes) for prefixes in self._by_host.values())
+        return len(self._keys)
 
     def entries(self) -> Iterator[tuple[UrlEntry, int]]:
-        for host, prefixes in self._by_host.items():
-            for prefix in prefixes:
-                yield UrlEntry(host, prefix.path_prefix), prefix.mask
+        for key, mask in self._keys.items():
+            host, _, path_prefix = _readable(key).partition(" ")
+            yield UrlEntry(host, path_prefix), mask
 
     def has_host(self, name: str) -> bool:
         """Whether any URL rule concerns `name` or a parent: the proxy must then see inside its requests."""
-        return any(suffix in self._by_host for suffix in parent_domains(name))
+        return any(self._keys.has_keys_starting(suffix + " ") for suffix in parent_domains(name))
 
     def lookup(self, host: str, path: str) -> int:
         found = 0
         for suffix in parent_domains(host):
-            for prefix in self._by_host.get(suffix, ()):
-                if path.startswith(prefix.path_prefix):
-                    found |= prefix.mask
+            found |= self._keys.prefixes_mask(_storable(f"{suffix} {path}"))
         return found
+
+    def save(self, directory: Path) -> None:
+        self._keys.save(directory, "urls")
+
+    @classmethod
+    def open(cls, directory: Path) -> UrlMatcher:
+        return cls(MaskedKeys.open(directory, "urls"))

@@ -10,7 +10,7 @@ from pathlib import Path
 from blocklists.bundled_data import BUNDLED_CATEGORIES, BUNDLED_SOURCE, read_bundled_list
 from blocklists.errors import ListError
 from blocklists.formats import LINE_PARSERS, ListFormat, ParsedList, Problem
-from blocklists.matcher import DomainListing, DomainTable, UrlMatcher
+from blocklists.matcher import DomainListing, DomainTable, MaskedKeys, UrlMatcher
 from blocklists.ut1 import CategoryInfo, read_ut1
 
 
@@ -87,7 +87,7 @@ class CompiledLists:
     aliases: Mapping[str, str]
     domains: DomainTable
     urls: UrlMatcher
-    addresses: Mapping[str, int]
+    addresses: MaskedKeys
     expressions: tuple[tuple[re.Pattern[str], int], ...]
     stats: tuple[CategoryStats, ...]
     info: Mapping[str, CategoryInfo]
@@ -139,10 +139,6 @@ def compile_lists(lists: Mapping[str, ParsedList], info: Mapping[str, CategoryIn
     for ref, parsed in lists.items():
         problems.extend(parsed.problems)
         expressions.extend(compile_expressions(ref, parsed.expressions, bits[ref], problems))
-    addresses: dict[str, int] = {}
-    for ref, parsed in lists.items():
-        for address in parsed.addresses:
-            addresses[address] = addresses.get(address, 0) | bits[ref]
     stats = tuple(
         CategoryStats(ref, len(p.domains), len(p.urls), len(p.addresses), len(p.expressions))
         for ref, p in sorted(lists.items())
@@ -153,8 +149,8 @@ def compile_lists(lists: Mapping[str, ParsedList], info: Mapping[str, CategoryIn
         bits=bits,
         aliases=dict(aliases),
         domains=DomainTable.build(listings),
-        urls=UrlMatcher((u, bits[ref]) for ref, p in lists.items() for u in p.urls),
-        addresses=addresses,
+        urls=UrlMatcher.build((u, bits[ref]) for ref, p in lists.items() for u in p.urls),
+        addresses=MaskedKeys.build((a, bits[ref]) for ref, p in lists.items() for a in p.addresses),
         expressions=tuple(expressions),
         stats=stats,
         info={ref: i for ref, i in info.items() if ref in lists},

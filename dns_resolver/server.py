@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 EDE_OPTION = 15
 EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
-MAX_DECISION_CACHE = 20_000  # a Decision carries its explanation: ~1 KB each
+MAX_DECISION_CACHE = 20_000  # names by (group, device): ~250 bytes each, the verdicts being shared
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 _UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
@@ -69,6 +69,27 @@ class Answered:
     count_device: str | None = None  # the device whose minute a cached copy of this reply marks
 
 
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the DNS front needs of a Decision. A Decision carries its explanation (~1 KB); equal verdicts are one
+    object here, so the decision cache costs a key per name: thousands of names allowed by default share one."""
+
+    action: Action
+    labels: tuple[str, str, str, str]
+    until: datetime | None
+    counts_screen_time: bool
+    rewrite_to: str | None
+    extended_error: int  # RFC 8914 info code of a block
+    extended_text: str  # the categories, or the reason
+
+    @classmethod
+    def of(cls, decision: Decision) -> Verdict:
+        code = EDE_BLOCKED if decision.categories or decision.reason.value in ("deny_list", "bypass") \
+            else EDE_FILTERED
+        return cls(decision.action, decision.labels, decision.until, decision.counts_screen_time,
+                   decision.rewrite_to, code, ", ".join(decision.categories) or decision.reason.value)
+
+
 @dataclass(frozen=True)
 class _Reply:
     record: DNSRecord
@@ -86,7 +107,8 @@ class DnsFront:
         self.count_minute = count_minute  # the device's current minute counts as screen time
         self.upstreams = upstreams
         self.clock = clock
-        self._decisions: OrderedDict[tuple[int, int, str, str | None, str], Decision] = OrderedDict()
+        self._decisions: OrderedDict[tuple[int, int, str, str | None, str], Verdict] = OrderedDict()
+        self._verdicts: dict[Verdict, Verdict] = {}
         self.forwarder = Forwarder(upstreams)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
         self._clients: dict[str, tuple[int, Client | None]] = {}
@@ -164,7 +186,7 @@ class DnsFront:
             DNS_ERRORS.labels("formerr").inc()
             return _Reply(_rcode_reply(request, RCODE.FORMERR)), (), None
         now = datetime.fromtimestamp(self.clock(), UTC)
-        decision = self._decision(snapshot, client, name, now)
+        decision = self._verdict(snapshot, client, name, now)
         labels = decision.labels
         QUERIES.inc(*labels)
         ttl_cap = self._ttl_cap(decision, snapshot, now)
@@ -182,23 +204,26 @@ class DnsFront:
             reply = await self._forward(request, ttl_cap)
         return reply, labels, client.device if decision.counts_screen_time else None
 
-    def _decision(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Decision:
-        """Decisions are cached per (rules generation, overrides version, group, device, name) until they expire
+    def _verdict(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Verdict:
+        """Verdicts are cached per (rules generation, overrides version, group, device, name) until they expire
         (a decision under a screen-time budget expires when the budget could run out); a request that counts as
         screen time marks the device's minute."""
         state = self.current_state()
         key = (snapshot.generation, state.version, client.group, client.device, name)
-        decision = self._decisions.get(key)
-        if decision is None or (decision.until is not None and now >= decision.until):
-            decision = decide(Query(client, name, now), snapshot, state)
-            self._decisions[key] = decision
+        verdict = self._decisions.get(key)
+        if verdict is None or (verdict.until is not None and now >= verdict.until):
+            made = Verdict.of(decide(Query(client, name, now), snapshot, state))
+            if len(self._verdicts) > MAX_DECISION_CACHE:
+                self._verdicts.clear()  # verdicts of past schedules or rules; those in use stay cached as keys' values
+            verdict = self._verdicts.setdefault(made, made)
+            self._decisions[key] = verdict
             if len(self._decisions) > MAX_DECISION_CACHE:
                 self._decisions.popitem(last=False)
-        if decision.counts_screen_time and client.device is not None:
+        if verdict.counts_screen_time and client.device is not None:
             self.count_minute(client.device)
-        return decision
+        return verdict
 
-    def _block_reply(self, request: DNSRecord, decision: Decision, snapshot: Snapshot, ttl: int) -> DNSRecord:
+    def _block_reply(self, request: DNSRecord, decision: Verdict, snapshot: Snapshot, ttl: int) -> DNSRecord:
         settings = snapshot.rules.server.dns
         question = request.questions[0]
         reply = request.reply()
@@ -212,10 +237,8 @@ class DnsFront:
             address = settings.blockpage_ipv6 if settings.block_answer is BlockAnswer.BLOCKPAGE else "::"
             if address:
                 reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=ttl))
-        code = EDE_BLOCKED if decision.categories or decision.reason.value in ("deny_list", "bypass") \
-            else EDE_FILTERED
-        text = ", ".join(decision.categories) or decision.reason.value
-        return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", code) + text.encode()))
+        return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", decision.extended_error)
+                                                     + decision.extended_text.encode()))
 
     async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> _Reply:
         question = request.questions[0]
@@ -274,7 +297,7 @@ class DnsFront:
             return None
         timestamp = self.clock()
         now = datetime.fromtimestamp(timestamp, UTC)
-        decision = self._decision(snapshot, client, name, now)
+        decision = self._verdict(snapshot, client, name, now)
         if decision.action is not Action.ALLOW:
             return None
         labels = decision.labels
@@ -294,7 +317,7 @@ class DnsFront:
                         from_upstream=True, count_device=client.device if decision.counts_screen_time else None)
 
     @staticmethod
-    def _ttl_cap(decision: Decision, snapshot: Snapshot, now: datetime) -> int:
+    def _ttl_cap(decision: Verdict, snapshot: Snapshot, now: datetime) -> int:
         """An answer never outlives the decision behind it (the next schedule change, an override's end)."""
         max_ttl = snapshot.rules.server.dns.max_ttl_seconds
         if decision.until is None:

@@ -103,3 +103,12 @@ def test_a_name_from_a_device_cannot_forge_a_log_line() -> None:
     assert lines[1].endswith(r"host x.example\x0a2026-11-26 08:00:00,000 INFO vigie.runner: rules reloaded\u2028 "
                              "refused")
     assert lines[3] == "a problem"
+
+
+def test_the_services_do_not_load_what_only_other_commands_use() -> None:
+    """Every `vigie` process builds the whole command parser; a DNS worker must not carry the crypto library of
+    `vigie devices` (~12 MB per process) or the QR encoder."""
+    probe = ("import sys; from vigie.cli import _parser; _parser(); import vigie.runner; "
+             "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'segno', 'mitmproxy', 'bcrypt'}))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout

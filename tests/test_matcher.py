@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 
 from blocklists.compiled import CompiledStore, compiled_key
 from blocklists.errors import ListError
-from blocklists.matcher import DomainListing, DomainTable
+from blocklists.formats import UrlEntry
+from blocklists.matcher import DomainListing, DomainTable, MaskedKeys, UrlMatcher
 from blocklists.names import parent_domains
 from policy.snapshot import ListCache
 from tests.conftest import REPO, write_tree
@@ -60,6 +61,44 @@ def test_a_saved_table_maps_back_with_the_same_answers(tmp_path: Path) -> None:
         assert mapped.lookup(name) == table.lookup(name), name
     assert mapped.lookup("www.site3.example3.fr") == 1 | 4  # bit 2 is excepted below site3.example3.fr
     assert mapped.lookup("site6.example6.fr") == 1 | 2
+
+
+# Paths keep undecodable bytes as lone surrogates (see normalize_path).
+SEGMENTS = st.sampled_from(["a", "b", "ab", "x y", "%20", "", "é", "\udc80", "\udcc3"])
+PATHS = st.lists(SEGMENTS, max_size=3).map(lambda parts: "/" + "/".join(parts))
+URL_ENTRIES = st.lists(st.tuples(NAMES, PATHS, st.integers(0, 5)), max_size=12)
+
+
+@given(URL_ENTRIES, st.lists(st.tuples(NAMES, PATHS), min_size=1, max_size=10))
+@example([("example.com", "/a", 0), ("example.com", "/a", 1), ("www.example.com", "/", 2)],
+         [("www.example.com", "/ab"), ("example.com", "/b"), ("myexample.com", "/a"), ("example.com.fr", "/a")])
+@settings(max_examples=200, deadline=None)
+def test_url_lists_answer_like_a_walk_over_their_entries(tmp_path_factory: pytest.TempPathFactory,
+                                                         entries: list[tuple[str, str, int]],
+                                                         requests: list[tuple[str, str]]) -> None:
+    built = UrlMatcher.build((UrlEntry(host, path), 1 << bit) for host, path, bit in entries)
+    directory = tmp_path_factory.mktemp("urls")
+    built.save(directory)
+    for matcher in (built, UrlMatcher.open(directory)):
+        for host, path in requests:
+            expected = 0
+            for entry_host, entry_path, bit in entries:
+                if entry_host in parent_domains(host) and path.startswith(entry_path):
+                    expected |= 1 << bit
+            assert matcher.lookup(host, path) == expected, (host, path)
+            assert matcher.has_host(host) == any(h in parent_domains(host) for h, _, _ in entries)
+        assert sorted((e.host, e.path_prefix) for e, _ in matcher.entries()) == sorted({(h, p) for h, p, _ in entries})
+
+
+def test_addresses_map_back_with_their_masks(tmp_path: Path) -> None:
+    addresses = MaskedKeys.build([("192.0.2.1", 1), ("2001:db8::1", 2), ("192.0.2.1", 4)])
+    addresses.save(tmp_path, "addresses")
+    mapped = MaskedKeys.open(tmp_path, "addresses")
+    assert (mapped.get("192.0.2.1"), mapped.get("2001:db8::1"), mapped.get("192.0.2.2")) == (5, 2, 0)
+    assert dict(mapped.items()) == {"192.0.2.1": 5, "2001:db8::1": 2} and len(mapped) == 2
+    (tmp_path / "addresses.bin").write_bytes((tmp_path / "addresses.bin").read_bytes()[:-2])
+    with pytest.raises(ListError, match="truncated"):
+        MaskedKeys.open(tmp_path, "addresses")
 
 
 def test_a_truncated_compiled_table_is_refused_not_misread(tmp_path: Path) -> None:

@@ -8,8 +8,6 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-import segno
-
 from policy.model import Rules
 from vigie.devices import DeviceLine, WireguardDirectory, enroll, listing, revoke
 from vigie.loading import rules_or_report
@@ -88,6 +86,8 @@ def run_show(args: argparse.Namespace) -> int:
 def _output(config: str, args: argparse.Namespace) -> None:
     if not (args.qr or args.png):
         return
+    import segno  # only for this: every `vigie` process loads this module with the CLI
+
     code = segno.make(config, error="l", micro=False)
     if args.qr:
         code.terminal(out=sys.stdout, compact=True)

@@ -9,9 +9,6 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
-from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat, PublicFormat
-
 from policy.model import IPAddress, VpnSettings
 
 
@@ -24,6 +21,9 @@ class KeyPair:
 def generate_keypair() -> KeyPair:
     wg = shutil.which("wg")
     if wg is None:
+        from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+        from cryptography.hazmat.primitives.serialization import Encoding, NoEncryption, PrivateFormat
+
         private = base64.b64encode(X25519PrivateKey.generate().private_bytes(
             Encoding.Raw, PrivateFormat.Raw, NoEncryption())).decode()
         return KeyPair(private, public_key_of(private))
@@ -34,6 +34,11 @@ def generate_keypair() -> KeyPair:
 
 
 def public_key_of(private: str) -> str:
+    # Imported here: every `vigie` process loads this module with the CLI, and a DNS worker has no use for the
+    # ~12 MB of a crypto library.
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     key = X25519PrivateKey.from_private_bytes(base64.b64decode(private))
     return base64.b64encode(key.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)).decode()
 
