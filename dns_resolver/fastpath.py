@@ -1,5 +1,9 @@
 """The DNS hot path: a plain query whose answer is cached is answered from bytes, without dnslib or the engine.
 
+Two levels. `ReplyCache` keeps replies by (view, lower-cased question, EDNS). In front of it, `ExactReplies` keeps,
+per view, the very bytes a client sent after the ID (flags, counts, question in its case, OPT record) with the
+reply ready for the current second: a repeated query is then one dictionary lookup and a concatenation.
+
 Reading a query here means: header checks, the one question's name, type and class, and an optional OPT record.
 Anything unusual (another opcode, several questions, compression in the question, trailing bytes) returns None and
 goes the slow way, which answers every case. The cached reply is kept as bytes split around the question, so a hit
@@ -104,6 +108,25 @@ class CachedReply:
     aged_tail: bytes = b""
     aged_seconds: int = 0
 
+    def take_prefetch(self, now: float) -> bool:
+        """Whether to fetch this answer again now: from upstream, popular, near its end; once."""
+        if now < self.prefetch_at or self.hits < PREFETCH_MIN_HITS:
+            return False
+        self.prefetch_at = float("inf")
+        return True
+
+    def aged(self, age: int) -> bytes:
+        """The records after the question with every TTL lowered by `age` seconds (kept for that second)."""
+        if not age or not self.ttl_offsets:
+            return self.tail
+        if self.aged_seconds != age:
+            aged = bytearray(self.tail)
+            for offset in self.ttl_offsets:
+                ttl = _TTL.unpack_from(aged, offset)[0]
+                _TTL.pack_into(aged, offset, max(0, ttl - age))
+            self.aged_tail, self.aged_seconds = bytes(aged), age
+        return self.aged_tail
+
 
 class ReplyCache:
     """Finished replies by (view, question, EDNS), where the view is what the decision depended on (rules
@@ -123,21 +146,23 @@ class ReplyCache:
         self._entries.clear()
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
-              labels: tuple[str, ...], *, from_upstream: bool = False, count_device: str | None = None) -> None:
+              labels: tuple[str, ...], *, from_upstream: bool = False,
+              count_device: str | None = None) -> CachedReply | None:
         if lifetime < 1 or len(reply) < query.question_end:
-            return
+            return None
         reply = bytes(reply)
         offsets = ttl_offsets(reply, query.question_end)
         if offsets is None:
-            return
+            return None
         now = time.monotonic()
         key = (view, query.question, query.edns)
         prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
         self._entries.pop(key, None)  # re-inserted at the end
-        self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], tuple(offsets), now, now + lifetime,
-                                         len(reply), labels, prefetch_at, count_device)
+        entry = self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], tuple(offsets), now,
+                                                 now + lifetime, len(reply), labels, prefetch_at, count_device)
         if len(self._entries) > self._max:
             self._evict_one()
+        return entry
 
     def _evict_one(self) -> None:
         entries = self._entries
@@ -162,25 +187,95 @@ class ReplyCache:
             return None
         if entry.size > query.udp_size:
             return None  # the slow path truncates
-        age = int(now - entry.stored_at)
-        tail = entry.tail
-        if age and entry.ttl_offsets:
-            if entry.aged_seconds != age:
-                aged = bytearray(entry.tail)
-                for offset in entry.ttl_offsets:
-                    ttl = _TTL.unpack_from(aged, offset)[0]
-                    _TTL.pack_into(aged, offset, max(0, ttl - age))
-                entry.aged_tail, entry.aged_seconds = bytes(aged), age
-            tail = entry.aged_tail
+        tail = entry.aged(int(now - entry.stored_at))
         entry.hits += 1
         entry.recently_used = True
-        prefetch = now >= entry.prefetch_at and entry.hits >= PREFETCH_MIN_HITS
-        if prefetch:
-            entry.prefetch_at = float("inf")
+        prefetch = entry.take_prefetch(now)
         header = entry.header
         if (header[0] ^ packet[2]) & 0x01:  # echo the client's RD bit
             header = bytes((header[0] ^ 0x01,)) + header[1:]
         return packet[:2] + header + packet[12:query.question_end] + tail, entry, prefetch
+
+
+MAX_EXACT = 16_384  # exact query bytes indexed, all views together (~300 bytes each)
+
+
+@dataclass(slots=True)
+class ExactReply:
+    """A cached reply ready for one exact query: `body` is everything after the ID, TTLs aged to the second
+    that ends at `fresh_until` (or the entry's expiry, if sooner); past it, `ExactReplies.refresh` makes the next."""
+
+    entry: CachedReply
+    flags: bytes  # our flags, with the client's RD bit
+    question: bytes  # the client's question as sent (0x20 case kept)
+    counter: list[float]  # the cell of the query counter for the entry's labels
+    body: bytes = b""
+    fresh_until: float = 0.0
+    hits: int = 0
+
+
+class ExactReplies:
+    """Source address → its view's exact replies: query bytes (after the ID) → `ExactReply`. Bounded by clearing:
+    every entry is one hit away from being rebuilt from the `ReplyCache` behind it."""
+
+    def __init__(self, max_entries: int = MAX_EXACT) -> None:
+        self.by_address: dict[str, dict[bytes, ExactReply]] = {}
+        self._view_of_address: dict[str, object] = {}
+        self._by_view: dict[object, dict[bytes, ExactReply]] = {}
+        self._count = 0
+        self._max = max_entries
+
+    def clear(self) -> None:
+        """Forget every address and reply (the dictionaries stay the same objects)."""
+        self.by_address.clear()
+        self._view_of_address.clear()
+        self._by_view.clear()
+        self._count = 0
+
+    def map_address(self, address: str, view: object) -> dict[bytes, ExactReply]:
+        replies = self._by_view.get(view)
+        if replies is None:
+            replies = self._by_view[view] = {}
+        self.by_address[address] = replies
+        self._view_of_address[address] = view
+        return replies
+
+    def view_of(self, address: str) -> object | None:
+        return self._view_of_address.get(address)
+
+    def add(self, address: str, packet: bytes, query: PlainQuery, entry: CachedReply, counter: list[float],
+            now: float) -> ExactReply | None:
+        """Index `packet`'s bytes for `entry` in the view `address` is mapped to; None when the reply would not
+        fit the client's UDP size (or the address is not mapped)."""
+        view = self._view_of_address.get(address)
+        if view is None or entry.size > query.udp_size:
+            return None
+        header = entry.header
+        flags = bytes((header[0] & 0xFE | packet[2] & 0x01, header[1]))
+        exact = ExactReply(entry, flags, packet[12:query.question_end], counter)
+        if not self.refresh(exact, now):
+            return None
+        if self._count >= self._max:
+            self.clear()
+            self.map_address(address, view)
+        self._by_view[view][packet[2:]] = exact
+        self._count += 1
+        return exact
+
+    @staticmethod
+    def refresh(exact: ExactReply, now: float) -> bool:
+        """Age `exact` to now, pass its hits to the entry; False once the entry has expired."""
+        entry = exact.entry
+        if now >= entry.expires_at:
+            return False
+        age = int(now - entry.stored_at)
+        exact.body = exact.flags + entry.header[2:] + exact.question + entry.aged(age)
+        exact.fresh_until = min(entry.expires_at, entry.stored_at + age + 1)
+        if exact.hits:
+            entry.hits += exact.hits
+            entry.recently_used = True
+            exact.hits = 0
+        return True
 
 
 class RateLimiter:

@@ -11,25 +11,31 @@ from prometheus_client.registry import Collector
 
 
 class LabelCounter(Collector):
-    """A counter by label values cheap enough for the DNS hot path: a dict increment, no lock (the event loop
-    is the only writer; the scrape thread copies before reading)."""
+    """A counter by label values cheap enough for the DNS hot path: no lock (the event loop is the only writer;
+    the scrape thread copies before reading). Each label set's count is a one-item list, a "cell" that the
+    hottest code keeps and increments in place: `cell[0] += 1`."""
 
     def __init__(self, name: str, documentation: str, labelnames: Sequence[str]) -> None:
         self._name, self._documentation, self._labelnames = name, documentation, list(labelnames)
-        self._counts: dict[tuple[str, ...], float] = {}
+        self._counts: dict[tuple[str, ...], list[float]] = {}
         REGISTRY.register(self)
 
+    def cell(self, *values: str) -> list[float]:
+        found = self._counts.get(values)
+        if found is None:
+            found = self._counts[values] = [0.0]
+        return found
+
     def inc(self, *values: str) -> None:
-        counts = self._counts
-        counts[values] = counts.get(values, 0) + 1
+        self.cell(*values)[0] += 1
 
     def value(self, *values: str) -> float:
-        return self._counts.get(values, 0)
+        return self._counts.get(values, [0.0])[0]
 
     def collect(self) -> Iterable[Metric]:
         family = CounterMetricFamily(self._name, self._documentation, labels=self._labelnames)
-        for values, count in list(self._counts.items()):
-            family.add_metric(list(values), count)
+        for values, cell in list(self._counts.items()):
+            family.add_metric(list(values), cell[0])
         yield family
 
     def describe(self) -> Iterable[Metric]:
@@ -46,9 +52,9 @@ class FastHistogram(Collector):
         self._sum = 0.0
         REGISTRY.register(self)
 
-    def observe(self, value: float) -> None:
-        self._counts[bisect.bisect_left(self._bounds, value)] += 1
-        self._sum += value
+    def observe(self, value: float, times: int = 1) -> None:
+        self._counts[bisect.bisect_left(self._bounds, value)] += times
+        self._sum += value * times
 
     def collect(self) -> Iterable[Metric]:
         counts, total = list(self._counts), self._sum

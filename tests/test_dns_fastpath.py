@@ -169,3 +169,28 @@ def test_a_stream_of_new_names_does_not_push_out_a_name_in_use() -> None:
         cache.store("view", query, reply_for(DNSRecord.parse(packet), 300), 300, ("g", "allow", "default"))
     kept = [name for name, (query, packet) in queries.items() if cache.reply("view", query, packet) is not None]
     assert kept == ["popular.fr", "d.fr", "e.fr"]
+
+
+def test_repeated_query_bytes_keep_their_id_rd_bit_and_case_and_age(tmp_path: Path) -> None:
+    """A repeated query is answered from its exact bytes (see ExactReplies): what differs between askers (the ID)
+    and what the bytes carry (RD bit, 0x20 case) must come back as sent, with TTLs aged like any cached answer."""
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie, \
+            socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+
+        def ask(query: DNSRecord) -> DNSRecord:
+            sock.sendto(query.pack(), ("127.0.0.1", vigie.dns_port))
+            return DNSRecord.parse(sock.recv(4096))
+
+        for query_id in range(1, 13):  # made, then from the reply cache, then from the exact bytes
+            query = DNSRecord.question("LuMnI.fR")
+            query.header.id, query.header.rd = query_id, query_id % 2
+            answer = ask(query)
+            assert (answer.header.id, answer.header.rd, answer.header.ra) == (query_id, query_id % 2, 1)
+            assert str(answer.q.qname) == "LuMnI.fR." and str(answer.rr[0].rdata) == "192.0.2.1"
+        first_ttl = ask(DNSRecord.question("LuMnI.fR")).rr[0].ttl
+        time.sleep(2.1)
+        later = ask(DNSRecord.question("LuMnI.fR"))
+        assert first_ttl == 300 and 296 <= later.rr[0].ttl <= 298
+        assert upstream.asked == ["lumni.fr"]

@@ -29,7 +29,7 @@ from prometheus_client import start_http_server
 from blocklists.errors import VigieError
 from blocklists.sources import SourceSpec
 from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
-from dns_resolver.server import DnsFront, start_dns_servers
+from dns_resolver.server import Closable, DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.errors import ConfigError
 from policy.loader import load_rules, parse_listen, parse_workers
@@ -257,7 +257,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
                          Path(settings.data_dir) / "state-spool")
     await asyncio.to_thread(keeper.start)
     listening: list[str] = []
-    dns_servers: list[asyncio.AbstractServer | asyncio.BaseTransport] = []
+    dns_servers: list[Closable] = []
     proxy = None
     front = None
     if fronts.dns is not None:
