@@ -101,6 +101,8 @@ class CompiledLists:
         return mask
 
     def refs_in(self, mask: int) -> list[str]:
+        if not mask:  # most names: no need to walk a hundred categories
+            return []
         return [ref for ref, bit in self.bits.items() if mask & bit]
 
     def lookup_domain(self, name: str) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import struct
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 OPT_TYPE = 41
@@ -136,7 +137,9 @@ class ReplyCache:
     the popular ones (and a hit costs a flag, not a reordering)."""
 
     def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
-        self._entries: dict[tuple[object, bytes, bool], CachedReply] = {}
+        # An OrderedDict: taking the oldest of a plain dict walks past every slot deleted before it (O(n) each
+        # time, seen as 5 % of the time under a stream of new names).
+        self._entries: OrderedDict[tuple[object, bytes, bool], CachedReply] = OrderedDict()
         self._max = max_entries
 
     def __len__(self) -> int:
@@ -167,13 +170,12 @@ class ReplyCache:
     def _evict_one(self) -> None:
         entries = self._entries
         for _ in range(SECOND_CHANCES):
-            oldest = next(iter(entries))
-            entry = entries.pop(oldest)
+            oldest, entry = entries.popitem(last=False)
             if not entry.recently_used:
                 return
             entry.recently_used = False
             entries[oldest] = entry
-        del entries[next(iter(entries))]
+        entries.popitem(last=False)
 
     def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply, bool] | None:
         """The cached reply for this query (ID, RD bit and question case from `packet`), its entry, and whether

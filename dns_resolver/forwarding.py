@@ -8,15 +8,19 @@ cookies or padding never leave the server (privacy), and the answer does not dep
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import logging
 import struct
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from dns_resolver.fastpath import ttl_offsets
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
-from policy.metrics import DNS_STALE_ANSWERS
+from policy.metrics import DNS_ERRORS, DNS_STALE_ANSWERS
+
+log = logging.getLogger(__name__)
 
 # ID 0, RD set, one question, one additional record (the OPT below).
 _QUERY_HEADER = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01"
@@ -36,8 +40,7 @@ class _Entry:
     lifetime: float
 
 
-@dataclass(frozen=True, slots=True)
-class UpstreamAnswer:
+class UpstreamAnswer(NamedTuple):
     """An upstream answer with its TTLs aged to now; `lifetime` is how long it stays valid (0 when stale)."""
 
     wire: bytes
@@ -68,63 +71,94 @@ def age_ttls(wire: bytes, start: int, offsets: list[int], elapsed: int, floor: i
     return bytes(aged)
 
 
+AnswerCallback = Callable[["UpstreamAnswer | UpstreamFailure"], None]
+
+
 class Forwarder:
+    """One upstream query per question in flight, whoever asks: callers waiting for the same question are called
+    back together when its answer (or failure) arrives. The UDP front waits by callback (no task per query); the
+    rest awaits `answer`."""
+
     def __init__(self, pool: UpstreamPool, *, max_ttl: int = 86_400, stale_seconds: int = 86_400,
                  max_entries: int = MAX_ENTRIES) -> None:
         self.pool = pool
         self.max_ttl = max_ttl
         self.stale_seconds = stale_seconds
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
-        self._in_flight: dict[bytes, asyncio.Future[_Entry]] = {}
+        self._flights: dict[bytes, list[AnswerCallback]] = {}
         self._background: set[asyncio.Task[None]] = set()
         self._max = max_entries
 
     def __len__(self) -> int:
         return len(self._cache)
 
-    async def answer(self, question: bytes, *, refresh: bool = False) -> UpstreamAnswer:
-        """The answer to `question` (lower-cased name, type, class); `refresh` asks upstream even if cached.
-        Raises UpstreamFailure when no upstream answers and nothing, not even stale, is cached."""
-        now = time.monotonic()
+    def cached(self, question: bytes) -> UpstreamAnswer | None:
+        """The fresh cached answer to `question`, if any."""
         entry = self._cache.get(question)
-        if entry is not None and not refresh and now < entry.stored_at + entry.lifetime:
+        now = time.monotonic()
+        if entry is not None and now < entry.stored_at + entry.lifetime:
             return self._aged(entry, now)
-        pending = self._in_flight.get(question)
-        if pending is None:
-            pending = asyncio.get_running_loop().create_future()
-            self._in_flight[question] = pending
-            try:
-                fresh = await self._fetch(question)
-            except UpstreamFailure as exc:
-                pending.set_exception(exc)
-                pending.exception()  # the waiters get it; nobody else must retrieve it
-                return self._stale_or_raise(question, exc)
-            except BaseException as exc:
-                pending.set_exception(UpstreamFailure(f"cancelled: {exc!r}"))
-                pending.exception()
-                raise
-            else:
-                pending.set_result(fresh)
-            finally:
-                del self._in_flight[question]
-            return self._aged(fresh, fresh.stored_at)
-        try:
-            shared = await asyncio.shield(pending)
-        except UpstreamFailure as exc:
-            return self._stale_or_raise(question, exc)
-        return self._aged(shared, time.monotonic())
+        return None
 
-    def prefetch(self, question: bytes) -> None:
-        """Fetch `question` again in the background (unless already in flight); failures leave the entry as is."""
-        if question in self._in_flight:
+    def when_answered(self, question: bytes, callback: AnswerCallback, *, refresh: bool = False) -> None:
+        """Call `callback` with the answer to `question` (lower-cased name, type, class), now when it is cached
+        (unless `refresh`), else when the upstream query in flight for it ends; with an UpstreamFailure when no
+        upstream answers and nothing, not even stale, is cached."""
+        if not refresh:
+            answer = self.cached(question)
+            if answer is not None:
+                callback(answer)
+                return
+        waiting = self._flights.get(question)
+        if waiting is not None:
+            waiting.append(callback)
             return
-        task = asyncio.get_running_loop().create_task(self._refresh(question))
+        self._flights[question] = [callback]
+        task = asyncio.get_running_loop().create_task(self._fly(question))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _refresh(self, question: bytes) -> None:
-        with contextlib.suppress(UpstreamFailure):
-            await self.answer(question, refresh=True)
+    async def answer(self, question: bytes, *, refresh: bool = False) -> UpstreamAnswer:
+        """`when_answered`, awaited. Raises UpstreamFailure."""
+        if not refresh:
+            answer = self.cached(question)
+            if answer is not None:
+                return answer
+        future: asyncio.Future[UpstreamAnswer] = asyncio.get_running_loop().create_future()
+
+        def settle(result: UpstreamAnswer | UpstreamFailure) -> None:
+            if future.done():
+                return  # the awaiting caller was cancelled
+            if isinstance(result, UpstreamFailure):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        self.when_answered(question, settle, refresh=refresh)
+        return await future
+
+    def prefetch(self, question: bytes) -> None:
+        """Fetch `question` again in the background (unless already in flight); failures leave the entry as is."""
+        if question not in self._flights:
+            self.when_answered(question, _ignore, refresh=True)
+
+    async def _fly(self, question: bytes) -> None:
+        result: UpstreamAnswer | UpstreamFailure = UpstreamFailure("cancelled (shutting down)")
+        try:
+            fresh = await self._fetch(question)
+            result = self._aged(fresh, fresh.stored_at)
+        except UpstreamFailure as exc:
+            result = self._stale_or_failure(question, exc)
+        except Exception as exc:  # a bug: the waiters must not wait forever
+            log.exception("internal error forwarding a question")
+            result = UpstreamFailure(repr(exc))
+        finally:
+            for callback in self._flights.pop(question, []):
+                try:
+                    callback(result)
+                except Exception:  # one waiter's bug must not cost the others their answer
+                    DNS_ERRORS.labels("internal").inc()
+                    log.exception("internal error delivering a forwarded answer")
 
     async def _fetch(self, question: bytes) -> _Entry:
         wire = await self.pool.resolve_wire(_QUERY_HEADER + question + OUR_OPT, question)
@@ -141,11 +175,11 @@ class Forwarder:
                     self._cache.popitem(last=False)
         return entry
 
-    def _stale_or_raise(self, question: bytes, failure: UpstreamFailure) -> UpstreamAnswer:
+    def _stale_or_failure(self, question: bytes, failure: UpstreamFailure) -> UpstreamAnswer | UpstreamFailure:
         entry = self._cache.get(question)
         now = time.monotonic()
         if entry is None or now > entry.stored_at + entry.lifetime + self.stale_seconds:
-            raise failure
+            return failure
         DNS_STALE_ANSWERS.inc()
         wire = age_ttls(entry.wire, entry.question_end, entry.offsets, 10**9, floor=STALE_TTL)
         return UpstreamAnswer(wire, entry.question_end, entry.offsets, 0.0)
@@ -155,3 +189,7 @@ class Forwarder:
         elapsed = int(now - entry.stored_at)
         wire = age_ttls(entry.wire, entry.question_end, entry.offsets, elapsed)
         return UpstreamAnswer(wire, entry.question_end, entry.offsets, max(0.0, entry.lifetime - elapsed))
+
+
+def _ignore(result: UpstreamAnswer | UpstreamFailure) -> None:
+    """A prefetch's waiter: the cache keeps what came back; a failure leaves the entry as it was."""

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOption
 
@@ -57,9 +57,9 @@ def formerr_for(packet: bytes) -> bytes | None:
     return struct.pack("!HHHHHH", query_id, 0x8000 | (flags & 0x7900) | RCODE.FORMERR, 0, 0, 0, 0)
 
 
-@dataclass(frozen=True)
-class Answered:
-    """A reply and how long the same question from the same view may get it again (0: not at all)."""
+class Answered(NamedTuple):
+    """A reply and how long the same question from the same view may get it again (0: not at all). A tuple: one
+    is made per forwarded query, and a frozen dataclass costs several times more to build."""
 
     wire: bytes
     lifetime: float = 0.0
@@ -67,6 +67,16 @@ class Answered:
     view: object = None
     from_upstream: bool = False  # forwarded as is: worth fetching again before it expires if popular
     count_device: str | None = None  # the device whose minute a cached copy of this reply marks
+
+
+class PlainPlan(NamedTuple):
+    """What the reply to a forwarded plain query depends on, decided before the upstream answers."""
+
+    started: float  # perf_counter at arrival
+    labels: tuple[str, str, str, str]
+    ttl_cap: int
+    view: object | None
+    count_device: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,9 +301,10 @@ class DnsFront:
             return failed, 0.0
         return DNSRecord.parse(answer.wire), answer.lifetime
 
-    async def handle_plain(self, packet: bytes, query: PlainQuery, client_address: str) -> Answered | None:
-        """The forwarding path in bytes, for a plain query whose name is allowed; None sends it the dnslib way
-        (blocks, rewrites, anything unusual)."""
+    def plan_plain(self, query: PlainQuery, client_address: str) -> PlainPlan | None:
+        """The bytes path for a plain query whose name is allowed: what its reply will depend on, decided now;
+        the upstream answer is then given to `finish_plain`. None sends the query the dnslib way (blocks,
+        rewrites, anything unusual)."""
         started = time.perf_counter()
         snapshot = self.current_snapshot()
         client = self.client_of(client_address, snapshot)
@@ -305,21 +316,23 @@ class DnsFront:
         decision = self._verdict(snapshot, client, name, now)
         if decision.action is not Action.ALLOW:
             return None
-        labels = decision.labels
-        QUERIES.inc(*labels)
-        ttl_cap = self._ttl_cap(decision, snapshot, now)
-        try:
-            upstream = await self.forwarder.answer(query.question)
-        except UpstreamFailure:
+        QUERIES.inc(*decision.labels)
+        return PlainPlan(started, decision.labels, self._ttl_cap(decision, snapshot, now),
+                         self.reply_view(client, snapshot, self.current_state(), timestamp),
+                         client.device if decision.counts_screen_time else None)
+
+    @staticmethod
+    def finish_plain(packet: bytes, query: PlainQuery, plan: PlainPlan,
+                     upstream: UpstreamAnswer | UpstreamFailure) -> Answered:
+        if isinstance(upstream, UpstreamFailure):
             DNS_ERRORS.labels("upstream").inc()
             return Answered(_servfail(packet, query))
         if upstream.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
             return Answered(_servfail(packet, query))
-        reply = client_reply(packet, query, upstream, ttl_cap)
-        DNS_LATENCY.observe(time.perf_counter() - started)
-        lifetime = min(upstream.lifetime, ttl_cap) if upstream.offsets else 0.0
-        return Answered(reply, lifetime, labels, self.reply_view(client, snapshot, self.current_state(), timestamp),
-                        from_upstream=True, count_device=client.device if decision.counts_screen_time else None)
+        reply = client_reply(packet, query, upstream, plan.ttl_cap)
+        DNS_LATENCY.observe(time.perf_counter() - plan.started)
+        lifetime = min(upstream.lifetime, plan.ttl_cap) if upstream.offsets else 0.0
+        return Answered(reply, lifetime, plan.labels, plan.view, from_upstream=True, count_device=plan.count_device)
 
     @staticmethod
     def _ttl_cap(decision: Verdict, snapshot: Snapshot, now: datetime) -> int:
@@ -528,9 +541,17 @@ class _UdpListener:
                     DNS_LATENCY.observe(time.perf_counter() - started)
                     return
             self._misses[0] += 1
-        task = asyncio.ensure_future(self._reply(data, addr, query))
-        self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+            try:
+                plan = front.plan_plain(query, addr[0])
+            except Exception:  # a bug: counted and logged; the dnslib path below still answers
+                DNS_ERRORS.labels("internal").inc()
+                log.exception("internal error on the bytes path; answering through dnslib")
+                plan = None
+            if plan is not None:
+                front.forwarder.when_answered(
+                    query.question, lambda result: self._forwarded(data, addr, query, plan, result))
+                return
+        self._answer_later(data, addr, query)
 
     def _answer_exact(self, exact: ExactReply, query: PlainQuery, data: bytes, addr: tuple[str, int]) -> None:
         self.send(data[:2] + exact.body, addr)
@@ -541,17 +562,31 @@ class _UdpListener:
         if exact.entry.count_device is not None:
             self.front.count_minute(exact.entry.count_device)
 
+    def _forwarded(self, data: bytes, addr: tuple[str, int], query: PlainQuery, plan: PlainPlan,
+                   result: UpstreamAnswer | UpstreamFailure) -> None:
+        """The upstream answered (or failed) a plain query: reply, cache, index."""
+        try:
+            answered = self.front.finish_plain(data, query, plan, result)
+        except Exception:
+            DNS_ERRORS.labels("internal").inc()
+            log.exception("internal error on the bytes path; answering through dnslib")
+            self._answer_later(data, addr, query)
+            return
+        self._deliver(answered, data, addr, query)
+
+    def _answer_later(self, data: bytes, addr: tuple[str, int], query: PlainQuery | None) -> None:
+        """The dnslib path, which answers every case (blocks, rewrites, malformed input), as a task."""
+        task = asyncio.ensure_future(self._reply(data, addr, query))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
     async def _reply(self, data: bytes, addr: tuple[str, int], query: PlainQuery | None) -> None:
-        answered = None
-        if query is not None:
-            try:
-                answered = await self.front.handle_plain(data, query, addr[0])
-            except Exception:  # a bug: counted and logged; the dnslib path below still answers
-                DNS_ERRORS.labels("internal").inc()
-                log.exception("internal error on the bytes path; answering through dnslib")
-        if answered is None:
-            answered = await self.front.handle(data, addr[0])
-        if answered is None or self._closed:
+        answered = await self.front.handle(data, addr[0])
+        if answered is not None:
+            self._deliver(answered, data, addr, query)
+
+    def _deliver(self, answered: Answered, data: bytes, addr: tuple[str, int], query: PlainQuery | None) -> None:
+        if self._closed:
             return
         answer = answered.wire
         if query is not None and answered.lifetime and answered.view is not None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import secrets
+import os
+import socket
 import struct
 import time
 from dataclasses import dataclass, field
@@ -68,6 +69,29 @@ SOCKETS_PER_UPSTREAM = 64
 QUERIES_PER_SOCKET = 100
 
 
+class _RandomBytes:
+    """Unpredictable query IDs and socket choices from the kernel's generator, read 4 KiB at a time (a system call
+    per number cost more than the rest of choosing)."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+        self._next = 0
+
+    def below(self, limit: int) -> int:
+        """A uniform number in [0, limit) for limit ≤ 65,536 (rejection sampling: no modulo bias)."""
+        ceiling = 65536 - 65536 % limit
+        while True:
+            if self._next + 2 > len(self._buffer):
+                self._buffer, self._next = os.urandom(4096), 0
+            value = self._buffer[self._next] << 8 | self._buffer[self._next + 1]
+            self._next += 2
+            if value < ceiling:
+                return value % limit
+
+
+RANDOM = _RandomBytes()
+
+
 class _SharedSocket(asyncio.DatagramProtocol):
     """One connected UDP socket (one random source port) carrying several queries, told apart by ID; an answer
     counts only when its ID is pending and its question is the one asked."""
@@ -118,7 +142,7 @@ class _SocketPool:
 
     async def query(self, wire: bytes, question: bytes, timeout: float) -> bytes:
         loop = asyncio.get_running_loop()
-        index = secrets.randbelow(SOCKETS_PER_UPSTREAM)
+        index = RANDOM.below(SOCKETS_PER_UPSTREAM)
         shared = self.slots[index]
         if shared is None or shared.sent >= QUERIES_PER_SOCKET or shared.transport is None \
                 or shared.transport.is_closing():
@@ -126,11 +150,11 @@ class _SocketPool:
                 shared.retired = True
                 if not shared.pending and shared.transport is not None:
                     shared.transport.close()
-            _, shared = await loop.create_datagram_endpoint(_SharedSocket, remote_addr=(self.address, self.port))
+            _, shared = await loop.create_datagram_endpoint(_SharedSocket, sock=self._connected_socket())
             self.slots[index] = shared
-        query_id = secrets.randbelow(65536)
+        query_id = RANDOM.below(65536)
         while query_id in shared.pending:
-            query_id = secrets.randbelow(65536)
+            query_id = RANDOM.below(65536)
         future: asyncio.Future[bytes] = loop.create_future()
         shared.pending[query_id] = (question.lower(), future)
         shared.sent += 1
@@ -142,6 +166,19 @@ class _SocketPool:
         finally:
             expiry.cancel()
             shared.done_with(query_id)
+
+    def _connected_socket(self) -> socket.socket:
+        """A UDP socket on a new random port, connected to the upstream (made here: given an address instead, the
+        event loop would resolve it in a thread pool for every new socket)."""
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.connect((self.address, self.port))
+        except OSError:
+            sock.close()
+            raise
+        return sock
 
     def close(self) -> None:
         for shared in self.slots:
@@ -182,7 +219,7 @@ class UpstreamPool:
             try:
                 answer = await self._sockets[upstream.label].query(query, question, self.timeout)
                 if answer[2] & 0x02:  # TC: the full answer needs TCP
-                    wire = struct.pack("!H", secrets.randbelow(65536)) + query[2:]
+                    wire = struct.pack("!H", RANDOM.below(65536)) + query[2:]
                     answer = await self._tcp(upstream, wire)
                     if answer[:2] != wire[:2] or answer[12:12 + len(question)].lower() != question.lower():
                         raise UpstreamFailure("TCP answer for another question")
