@@ -242,9 +242,6 @@ class ExactReplies:
         self._view_of_address[address] = view
         return replies
 
-    def view_of(self, address: str) -> object | None:
-        return self._view_of_address.get(address)
-
     def add(self, address: str, packet: bytes, query: PlainQuery, entry: CachedReply, counter: list[float],
             now: float) -> ExactReply | None:
         """Index `packet`'s bytes for `entry` in the view `address` is mapped to; None when the reply would not

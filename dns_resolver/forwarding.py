@@ -86,7 +86,6 @@ class Forwarder:
         self.stale_seconds = stale_seconds
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._flights: dict[bytes, list[AnswerCallback]] = {}
-        self._background: set[asyncio.Task[None]] = set()
         self._max = max_entries
 
     def __len__(self) -> int:
@@ -114,9 +113,12 @@ class Forwarder:
             waiting.append(callback)
             return
         self._flights[question] = [callback]
-        task = asyncio.get_running_loop().create_task(self._fly(question))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        try:
+            self.pool.resolve_later(_QUERY_HEADER + question + OUR_OPT, question,
+                                    lambda result: self._landed(question, result))
+        except Exception as exc:  # a bug: the waiters must not wait forever
+            log.exception("internal error forwarding a question")
+            self._landed(question, UpstreamFailure(repr(exc)))
 
     async def answer(self, question: bytes, *, refresh: bool = False) -> UpstreamAnswer:
         """`when_answered`, awaited. Raises UpstreamFailure."""
@@ -142,26 +144,26 @@ class Forwarder:
         if question not in self._flights:
             self.when_answered(question, _ignore, refresh=True)
 
-    async def _fly(self, question: bytes) -> None:
-        result: UpstreamAnswer | UpstreamFailure = UpstreamFailure("cancelled (shutting down)")
-        try:
-            fresh = await self._fetch(question)
-            result = self._aged(fresh, fresh.stored_at)
-        except UpstreamFailure as exc:
-            result = self._stale_or_failure(question, exc)
-        except Exception as exc:  # a bug: the waiters must not wait forever
-            log.exception("internal error forwarding a question")
-            result = UpstreamFailure(repr(exc))
-        finally:
-            for callback in self._flights.pop(question, []):
-                try:
-                    callback(result)
-                except Exception:  # one waiter's bug must not cost the others their answer
-                    DNS_ERRORS.labels("internal").inc()
-                    log.exception("internal error delivering a forwarded answer")
+    def _landed(self, question: bytes, result: bytes | UpstreamFailure) -> None:
+        """The upstream query for `question` ended: cache the answer, call back everyone waiting for it."""
+        answer: UpstreamAnswer | UpstreamFailure
+        if isinstance(result, UpstreamFailure):
+            answer = self._stale_or_failure(question, result)
+        else:
+            try:
+                entry = self._store(question, result)
+                answer = self._aged(entry, entry.stored_at)
+            except Exception as exc:  # a bug: the waiters must not wait forever
+                log.exception("internal error reading an upstream answer")
+                answer = UpstreamFailure(repr(exc))
+        for callback in self._flights.pop(question, []):
+            try:
+                callback(answer)
+            except Exception:  # one waiter's bug must not cost the others their answer
+                DNS_ERRORS.labels("internal").inc()
+                log.exception("internal error delivering a forwarded answer")
 
-    async def _fetch(self, question: bytes) -> _Entry:
-        wire = await self.pool.resolve_wire(_QUERY_HEADER + question + OUR_OPT, question)
+    def _store(self, question: bytes, wire: bytes) -> _Entry:
         end = question_end(wire)
         offsets = ttl_offsets(wire, end) or []
         entry = _Entry(wire, offsets, end, time.monotonic(), 0.0)

@@ -590,11 +590,10 @@ class _UdpListener:
             return
         answer = answered.wire
         if query is not None and answered.lifetime and answered.view is not None:
-            entry = self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels,
-                                             from_upstream=answered.from_upstream,
-                                             count_device=answered.count_device)
-            if entry is not None and answered.view == self.exact.view_of(addr[0]):
-                self.exact.add(addr[0], data, query, entry, QUERIES.cell(*entry.labels), time.monotonic())
+            # Into the reply cache only: the exact bytes are indexed at the second ask, so that the names asked
+            # once (most of them, on a busy day) cost one entry, not two.
+            self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels,
+                                     from_upstream=answered.from_upstream, count_device=answered.count_device)
         limit = query.udp_size if query is not None else _client_udp_size(data)
         if len(answer) > limit:
             answer = _truncated(answer)

@@ -13,10 +13,8 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import cast
-
-from dnslib import DNSRecord
 
 from policy.metrics import UPSTREAM_FAILURES, UPSTREAM_LATENCY, UPSTREAM_UP
 
@@ -92,43 +90,72 @@ class _RandomBytes:
 RANDOM = _RandomBytes()
 
 
-class _SharedSocket(asyncio.DatagramProtocol):
-    """One connected UDP socket (one random source port) carrying several queries, told apart by ID; an answer
-    counts only when its ID is pending and its question is the one asked."""
+AnswerHandler = Callable[[bytes], None]
+Outcome = Callable[["bytes | UpstreamFailure"], None]
 
-    def __init__(self) -> None:
-        self.transport: asyncio.DatagramTransport | None = None
-        self.pending: dict[int, tuple[bytes, asyncio.Future[bytes]]] = {}
+
+class _SharedSocket:
+    """One connected UDP socket (one random source port) carrying several queries, told apart by ID; an answer
+    counts only when its ID is pending and its question is the one asked. Read straight from the event loop's
+    readiness callback: no transport, no future per query."""
+
+    def __init__(self, address: str, port: int) -> None:
+        family = socket.AF_INET6 if ":" in address else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            self.sock.setblocking(False)
+            self.sock.connect((address, port))
+        except OSError:
+            self.sock.close()
+            raise
+        self.pending: dict[int, tuple[bytes, AnswerHandler, Callable[[Exception], None]]] = {}
         self.sent = 0
         self.retired = False
+        self.closed = False
+        asyncio.get_running_loop().add_reader(self.sock.fileno(), self._readable)
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.DatagramTransport, transport)
+    def send(self, query: bytes, question: bytes, on_answer: AnswerHandler,
+             on_error: Callable[[Exception], None]) -> int:
+        """Send `query` under a fresh random ID; returns the ID. Raises OSError."""
+        query_id = RANDOM.below(65536)
+        while query_id in self.pending:
+            query_id = RANDOM.below(65536)
+        self.sock.send(struct.pack("!H", query_id) + query[2:])
+        self.pending[query_id] = (question.lower(), on_answer, on_error)
+        self.sent += 1
+        return query_id
 
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if len(data) < 12:
-            return
-        entry = self.pending.get(data[0] << 8 | data[1])
-        if entry is None or data[12:12 + len(entry[0])].lower() != entry[0]:
-            return  # not an answer to a question in flight here: ignore it and keep waiting
-        if not entry[1].done():
-            entry[1].set_result(data)
-
-    def error_received(self, exc: Exception) -> None:
-        self._fail_all(exc)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._fail_all(exc or ConnectionError("socket closed"))
-
-    def _fail_all(self, exc: Exception) -> None:
-        for _, future in self.pending.values():
-            if not future.done():
-                future.set_exception(exc)
-
-    def done_with(self, query_id: int) -> None:
+    def forget(self, query_id: int) -> None:
         self.pending.pop(query_id, None)
-        if self.retired and not self.pending and self.transport is not None:
-            self.transport.close()
+        if self.retired and not self.pending:
+            self.close()
+
+    def _readable(self) -> None:
+        for _ in range(64):
+            try:
+                data = self.sock.recv(65535)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ECONNREFUSED after an ICMP "port unreachable": nobody listens there
+                for _, _, on_error in list(self.pending.values()):
+                    on_error(exc)
+                return
+            if len(data) < 12:
+                continue
+            query_id = data[0] << 8 | data[1]
+            waiting = self.pending.get(query_id)
+            if waiting is None or data[12:12 + len(waiting[0])].lower() != waiting[0]:
+                continue  # not an answer to a question in flight here: ignore it and keep waiting
+            self.forget(query_id)
+            waiting[1](data)
+            if self.closed:  # retired, and that was its last answer
+                return
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().remove_reader(self.sock.fileno())
+            self.sock.close()
 
 
 class _SocketPool:
@@ -140,102 +167,143 @@ class _SocketPool:
         self.address, self.port = address, port
         self.slots: list[_SharedSocket | None] = [None] * SOCKETS_PER_UPSTREAM
 
-    async def query(self, wire: bytes, question: bytes, timeout: float) -> bytes:
-        loop = asyncio.get_running_loop()
+    def socket(self) -> _SharedSocket:
+        """One of the sockets, at random; a used-up one is retired (closed once its last answer is in)."""
         index = RANDOM.below(SOCKETS_PER_UPSTREAM)
         shared = self.slots[index]
-        if shared is None or shared.sent >= QUERIES_PER_SOCKET or shared.transport is None \
-                or shared.transport.is_closing():
+        if shared is None or shared.sent >= QUERIES_PER_SOCKET or shared.closed:
             if shared is not None:
                 shared.retired = True
-                if not shared.pending and shared.transport is not None:
-                    shared.transport.close()
-            _, shared = await loop.create_datagram_endpoint(_SharedSocket, sock=self._connected_socket())
-            self.slots[index] = shared
-        query_id = RANDOM.below(65536)
-        while query_id in shared.pending:
-            query_id = RANDOM.below(65536)
-        future: asyncio.Future[bytes] = loop.create_future()
-        shared.pending[query_id] = (question.lower(), future)
-        shared.sent += 1
-        expiry = loop.call_later(timeout, _expire, future)
-        try:
-            assert shared.transport is not None
-            shared.transport.sendto(struct.pack("!H", query_id) + wire[2:])
-            return await future
-        finally:
-            expiry.cancel()
-            shared.done_with(query_id)
-
-    def _connected_socket(self) -> socket.socket:
-        """A UDP socket on a new random port, connected to the upstream (made here: given an address instead, the
-        event loop would resolve it in a thread pool for every new socket)."""
-        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_DGRAM)
-        try:
-            sock.setblocking(False)
-            sock.connect((self.address, self.port))
-        except OSError:
-            sock.close()
-            raise
-        return sock
+                if not shared.pending:
+                    shared.close()
+            shared = self.slots[index] = _SharedSocket(self.address, self.port)
+        return shared
 
     def close(self) -> None:
         for shared in self.slots:
-            if shared is not None and shared.transport is not None:
-                shared.transport.close()
+            if shared is not None:
+                shared.close()
 
 
-def _expire(future: asyncio.Future[bytes]) -> None:
-    if not future.done():
-        future.set_exception(TimeoutError("no answer in time"))
+class _Resolution:
+    """One question sent to the healthy upstreams in turn until one gives a usable answer: its ID and question
+    match, its code is not SERVFAIL or REFUSED, and a truncated answer is fetched again over TCP."""
+
+    __slots__ = ("attempt", "outcome", "pool", "query", "question", "remaining", "started", "timer", "upstream")
+
+    def __init__(self, pool: UpstreamPool, query: bytes, question: bytes, outcome: Outcome) -> None:
+        self.pool, self.query, self.question, self.outcome = pool, query, question, outcome
+        self.remaining = pool.order()
+        self.upstream: Upstream | None = None
+        self.attempt: tuple[_SharedSocket, int] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.started = 0.0
+
+    def try_next(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self.remaining:
+            upstream = self.upstream = self.remaining.pop(0)
+            self.started = time.perf_counter()
+            try:
+                shared = self.pool.sockets[upstream.label].socket()
+                self.attempt = (shared, shared.send(self.query, self.question, self._answered, self._failed))
+            except OSError as exc:
+                self._upstream_failed(exc)
+                continue
+            self.timer = loop.call_later(self.pool.timeout, self._failed, TimeoutError("no answer in time"))
+            return
+        self.outcome(UpstreamFailure("no upstream answered"))
+
+    def _answered(self, answer: bytes) -> None:
+        self._stop_waiting()
+        if answer[2] & 0x02:  # TC: the full answer needs TCP
+            task = asyncio.get_running_loop().create_task(self._over_tcp())
+            self.pool.background.add(task)
+            task.add_done_callback(self.pool.background.discard)
+            return
+        self._judge(answer)
+
+    async def _over_tcp(self) -> None:
+        assert self.upstream is not None
+        wire = struct.pack("!H", RANDOM.below(65536)) + self.query[2:]
+        try:
+            answer = await self.pool.tcp(self.upstream, wire)
+            if answer[:2] != wire[:2] or answer[12:12 + len(self.question)].lower() != self.question.lower():
+                raise UpstreamFailure("TCP answer for another question")
+        except Exception as exc:  # the I/O boundary: any failure of this upstream means "try the next"
+            self._upstream_failed(exc)
+            self.try_next()
+            return
+        self._judge(answer)
+
+    def _judge(self, answer: bytes) -> None:
+        assert self.upstream is not None
+        if answer[3] & 0x0F in (2, 5):  # SERVFAIL, REFUSED: this upstream cannot help now
+            self._upstream_failed(UpstreamFailure(f"rcode {answer[3] & 0x0F}"))
+            self.try_next()
+            return
+        self.upstream.succeeded()
+        UPSTREAM_LATENCY.observe(time.perf_counter() - self.started)
+        self.outcome(answer)
+
+    def _failed(self, exc: Exception) -> None:
+        """No answer in time, or the socket reported an error."""
+        self._stop_waiting()
+        self._upstream_failed(exc)
+        self.try_next()
+
+    def _stop_waiting(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.attempt is not None:
+            shared, query_id = self.attempt
+            self.attempt = None
+            shared.forget(query_id)
+
+    def _upstream_failed(self, exc: Exception) -> None:
+        assert self.upstream is not None
+        self.upstream.failed()
+        UPSTREAM_FAILURES.labels(self.upstream.label).inc()
+        log.debug("upstream %s failed: %r", self.upstream.label, exc)
 
 
 class UpstreamPool:
     def __init__(self, upstreams: tuple[str, ...], timeout: float = 1.5) -> None:
         self.upstreams = [Upstream(*split_host_port(u)) for u in upstreams]
         self.timeout = timeout
-        self._sockets = {u.label: _SocketPool(u.address, u.port) for u in self.upstreams}
+        self.sockets = {u.label: _SocketPool(u.address, u.port) for u in self.upstreams}
+        self.background: set[asyncio.Task[None]] = set()
 
     def close(self) -> None:
-        for sockets in self._sockets.values():
+        for sockets in self.sockets.values():
             sockets.close()
 
-    def _order(self) -> list[Upstream]:
+    def order(self) -> list[Upstream]:
         healthy = [u for u in self.upstreams if u.healthy]
         return healthy or list(self.upstreams)
 
-    async def resolve(self, request: DNSRecord) -> DNSRecord:
-        """Forward `request` (its ID is replaced) and return the parsed answer. Raises UpstreamFailure."""
-        query = bytes(request.pack())
-        question = query[12:]
-        return DNSRecord.parse(await self.resolve_wire(query, question[: _question_length(question)]))
+    def resolve_later(self, query: bytes, question: bytes, outcome: Outcome) -> None:
+        """Send `query` (any ID: each try gets a random one) to the healthy upstreams in turn; `outcome` gets the
+        first usable answer, or an UpstreamFailure when none came."""
+        _Resolution(self, query, question, outcome).try_next()
 
     async def resolve_wire(self, query: bytes, question: bytes) -> bytes:
-        """Send `query` (any ID: each try gets a random one) to the healthy upstreams in turn; the first answer
-        whose ID and question match and whose code is not SERVFAIL or REFUSED wins. Raises UpstreamFailure."""
-        for upstream in self._order():
-            started = time.perf_counter()
-            try:
-                answer = await self._sockets[upstream.label].query(query, question, self.timeout)
-                if answer[2] & 0x02:  # TC: the full answer needs TCP
-                    wire = struct.pack("!H", RANDOM.below(65536)) + query[2:]
-                    answer = await self._tcp(upstream, wire)
-                    if answer[:2] != wire[:2] or answer[12:12 + len(question)].lower() != question.lower():
-                        raise UpstreamFailure("TCP answer for another question")
-                if answer[3] & 0x0F in (2, 5):  # SERVFAIL, REFUSED: this upstream cannot help now
-                    raise UpstreamFailure(f"rcode {answer[3] & 0x0F}")
-            except Exception as exc:  # the I/O boundary: any failure of this upstream means "try the next"
-                upstream.failed()
-                UPSTREAM_FAILURES.labels(upstream.label).inc()
-                log.debug("upstream %s failed: %r", upstream.label, exc)
-                continue
-            upstream.succeeded()
-            UPSTREAM_LATENCY.observe(time.perf_counter() - started)
-            return answer
-        raise UpstreamFailure("no upstream answered")
+        """`resolve_later`, awaited. Raises UpstreamFailure."""
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 
-    async def _tcp(self, upstream: Upstream, wire: bytes) -> bytes:
+        def settle(result: bytes | UpstreamFailure) -> None:
+            if future.done():
+                return
+            if isinstance(result, UpstreamFailure):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        self.resolve_later(query, question, settle)
+        return await future
+
+    async def tcp(self, upstream: Upstream, wire: bytes) -> bytes:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(upstream.address, upstream.port),
                                                 self.timeout)
         try:
@@ -245,11 +313,3 @@ class UpstreamPool:
             return await asyncio.wait_for(reader.readexactly(length), self.timeout)
         finally:
             writer.close()
-
-
-def _question_length(section: bytes) -> int:
-    """Length of the first question (name + type + class) at the start of `section`."""
-    index = 0
-    while index < len(section) and section[index] != 0:
-        index += section[index] + 1
-    return index + 5

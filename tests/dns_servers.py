@@ -6,6 +6,7 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -37,9 +38,10 @@ class UpstreamServer:
     Its behaviour can change mid-test: `ttl`, `delay` (seconds before answering), `mode`: `answer`, `silent`,
     `servfail`, or a hostile or broken server's answers — `garbage` (random bytes), `wrong_id` (a good answer with
     another ID), `wrong_question` (the right ID, another name: a poisoning attempt), `mangled` (the right ID and
-    question, then a broken record)."""
+    question, then a broken record). With `tcp`, it also answers over TCP on the same port, whole, and `truncate`
+    makes its UDP answers empty with the TC bit set (as a server does when the answer is too big)."""
 
-    def __init__(self, address: str = "192.0.2.1", ttl: int = 300) -> None:
+    def __init__(self, address: str = "192.0.2.1", ttl: int = 300, tcp: bool = False) -> None:
         self.address = address
         self.ttl = ttl
         self.delay = 0.0
@@ -47,21 +49,62 @@ class UpstreamServer:
         self.records = 1  # A records per answer (many make an answer too big for plain UDP)
         self.asked: list[str] = []
         self.packets: list[bytes] = []
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
+        self.truncate = False
+        self.tcp_asked: list[str] = []
+        self.sock, self.listener = self._bind(tcp)
         self.port: int = self.sock.getsockname()[1]
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._threads = [threading.Thread(target=self._serve, daemon=True)]
+        if self.listener is not None:
+            self._threads.append(threading.Thread(target=self._serve_tcp, daemon=True))
+
+    @staticmethod
+    def _bind(tcp: bool) -> tuple[socket.socket, socket.socket | None]:
+        for _ in range(20):  # a free UDP port whose TCP twin is free too
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            udp.bind(("127.0.0.1", 0))
+            udp.settimeout(0.2)
+            if not tcp:
+                return udp, None
+            listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            try:
+                listener.bind(("127.0.0.1", udp.getsockname()[1]))
+            except OSError:
+                listener.close()
+                udp.close()
+                continue
+            listener.listen(8)
+            listener.settimeout(0.2)
+            return udp, listener
+        raise RuntimeError("no free port for UDP and TCP")
 
     def __enter__(self) -> UpstreamServer:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
-        self._thread.join(2)
+        for thread in self._threads:
+            thread.join(2)
         self.sock.close()
+        if self.listener is not None:
+            self.listener.close()
+
+    def _serve_tcp(self) -> None:
+        assert self.listener is not None
+        while not self._stop.is_set():
+            try:
+                connection, _ = self.listener.accept()
+            except TimeoutError:
+                continue
+            with connection:
+                connection.settimeout(2)
+                length = struct.unpack("!H", connection.recv(2))[0]
+                request = DNSRecord.parse(connection.recv(length))
+                self.tcp_asked.append(str(request.q.qname).rstrip(".").lower())
+                reply = self._reply(request).pack()
+                connection.sendall(struct.pack("!H", len(reply)) + reply)
 
     def _serve(self) -> None:
         while not self._stop.is_set():
@@ -81,11 +124,20 @@ class UpstreamServer:
                 self._answer(request, peer)
 
     def _answer(self, request: DNSRecord, peer: tuple[str, int]) -> None:
-        reply = request.reply()
-        question = request.questions[0]
         if self.mode in ("garbage", "wrong_id", "wrong_question", "mangled"):
             self._hostile(request, peer)
             return
+        if self.truncate:
+            reply = request.reply()
+            reply.header.tc = 1
+        else:
+            reply = self._reply(request)
+        with contextlib.suppress(OSError):
+            self.sock.sendto(reply.pack(), peer)
+
+    def _reply(self, request: DNSRecord) -> DNSRecord:
+        reply = request.reply()
+        question = request.questions[0]
         if self.mode == "servfail":
             reply.header.rcode = 2
         elif question.qtype == QTYPE.A:
@@ -93,8 +145,7 @@ class UpstreamServer:
             for index in range(self.records):
                 address = self.address if index == 0 else f"{base}.{(index % 250) + 2}"
                 reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=self.ttl))
-        with contextlib.suppress(OSError):
-            self.sock.sendto(reply.pack(), peer)
+        return reply
 
     def _hostile(self, request: DNSRecord, peer: tuple[str, int]) -> None:
         if self.mode == "garbage":

@@ -80,6 +80,22 @@ def test_an_upstream_answering_servfail_is_passed_over() -> None:
     assert broken.asked == ["lumni.fr"] and working.asked == ["lumni.fr"]
 
 
+def test_a_truncated_upstream_answer_is_fetched_whole_over_tcp() -> None:
+    with UpstreamServer(tcp=True) as upstream:
+        upstream.truncate, upstream.records = True, 60
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)))
+
+        async def ask() -> bytes:
+            try:
+                return (await forwarder.answer(QUESTION)).wire
+            finally:
+                forwarder.pool.close()
+
+        whole = DNSRecord.parse(asyncio.run(ask()))
+    assert len(whole.rr) == 60 and not whole.header.tc
+    assert upstream.asked == ["lumni.fr"] and upstream.tcp_asked == ["lumni.fr"]
+
+
 def test_client_subnet_and_cookies_stay_here_and_all_down_is_servfail(tmp_path: Path) -> None:
     rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie:
