@@ -25,6 +25,7 @@ from blocklists.bundled_data import SafeSearchLevel
 from blocklists.names import ip_literal, parent_domains
 from policy.decision import Action, Decision, Query, Reason
 from policy.model import DomainRule, Mode, ScheduleRule, UrlRule
+from policy.schedule import ProfileInForce
 from policy.snapshot import CompiledProfile, Snapshot
 from policy.state import Override, OverrideKind, StateView
 
@@ -38,9 +39,7 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
     in_force = snapshot.profile_in_force(client.group, at)
     compiled = snapshot.profiles[in_force.profile]
     profile = compiled.profile
-    trail = [f"client → group {client.group} ({client.matched_by})",
-             f"profile {profile.name} in force ({_why_profile(in_force.rule, client.group, snapshot)})"
-             f"{_until_text(in_force.until)}"]
+    trail = list(_trail_opening(client.group, client.matched_by, in_force, snapshot))
     until = in_force.until
     masks = snapshot.lists.lookup_domain(host)
     background = bool(masks & snapshot.background_mask)
@@ -138,7 +137,8 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
                             rule=f"profiles.{profile.name}.block", categories=names, lists=url_hit)
 
     # 8. IP literals
-    if ip_literal(host) is not None and profile.block_ip_literals:
+    # A name whose last label ends in a letter is no address: parsing one costs more than the whole decision.
+    if profile.block_ip_literals and (host[-1:].isdigit() or ":" in host) and ip_literal(host) is not None:
         return decision(Action.BLOCK, Reason.IP_LITERAL, f"{host} is an IP address; profile {profile.name} only "
                         "allows names (block_ip_literals)", rule=f"profiles.{profile.name}.block_ip_literals")
 
@@ -198,6 +198,20 @@ def _why_profile(rule: ScheduleRule | None, group: str, snapshot: Snapshot) -> s
         return str(rule.origin)
     schedule = snapshot.rules.groups[group].schedule
     return f"default of schedule {schedule}" if schedule else f"fixed profile of group {group}"
+
+
+def _trail_opening(group: str, matched_by: str, in_force: ProfileInForce, snapshot: Snapshot) -> tuple[str, str]:
+    """How the client was placed and which profile is in force: the same two lines for every name a group asks
+    until its schedule changes, so they are written once (formatting the dates costs more than the rest of a
+    DNS decision)."""
+    memo = snapshot.trail_memo.get((group, matched_by))
+    if memo is not None and memo[0] is in_force:
+        return memo[1]
+    lines = (f"client → group {group} ({matched_by})",
+             f"profile {in_force.profile} in force ({_why_profile(in_force.rule, group, snapshot)})"
+             f"{_until_text(in_force.until)}")
+    snapshot.trail_memo[(group, matched_by)] = (in_force, lines)
+    return lines
 
 
 def _until_text(until: datetime | None) -> str:

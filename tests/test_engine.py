@@ -198,6 +198,7 @@ CASES = [
          Action.BLOCK, Reason.CATEGORY, ("games",)),
     Case("a profile with block_ip_literals blocks IP destinations", "192.0.2.1", "93.184.216.34", MONDAY_CLASS,
          Action.BLOCK, Reason.IP_LITERAL),
+    Case("and IPv6 ones", "192.0.2.1", "2001:db8::7", MONDAY_CLASS, Action.BLOCK, Reason.IP_LITERAL),
     # state: overrides and screen time
     Case("a teacher's lock blocks everything but the allow list", SCHOOL, "wikipedia.org", MONDAY_CLASS,
          Action.BLOCK, Reason.OVERRIDE_LOCK, state=LOCKED),
