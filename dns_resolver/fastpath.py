@@ -19,7 +19,9 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 OPT_TYPE = 41
-MAX_ENTRIES = 40_000  # replies by (rules generation, group, question): ~400 bytes each
+MAX_ENTRIES = 40_000  # replies by (rules generation, group, question)
+MAX_BYTES = 10 * 1024 * 1024  # and their memory: ~19,000 typical replies per worker (unbound's caches: 8 MB)
+ENTRY_COST = 490  # bytes an entry takes besides the reply itself (measured with tracemalloc)
 SECOND_CHANCES = 8  # how many used entries an eviction may move back to the end before dropping one
 PREFETCH_AFTER = 0.9  # of an answer's lifetime
 PREFETCH_MIN_HITS = 3
@@ -136,17 +138,31 @@ class ReplyCache:
     entry goes unless it was used since it last came up, so that a stream of names asked once does not push out
     the popular ones (and a hit costs a flag, not a reordering)."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES) -> None:
+    def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
         # An OrderedDict: taking the oldest of a plain dict walks past every slot deleted before it (O(n) each
         # time, seen as 5 % of the time under a stream of new names).
         self._entries: OrderedDict[tuple[object, bytes, bool], CachedReply] = OrderedDict()
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def memory(self) -> int:
+        """The bytes the entries take, estimated."""
+        return self._bytes
+
     def clear(self) -> None:
         self._entries.clear()
+        self._bytes = 0
+
+    def _remove(self, key: tuple[object, bytes, bool]) -> CachedReply | None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self._bytes -= ENTRY_COST + entry.size
+        return entry
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
               labels: tuple[str, ...], *, from_upstream: bool = False,
@@ -160,10 +176,11 @@ class ReplyCache:
         now = time.monotonic()
         key = (view, query.question, query.edns)
         prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
-        self._entries.pop(key, None)  # re-inserted at the end
+        self._remove(key)  # re-inserted at the end
         entry = self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], tuple(offsets), now,
                                                  now + lifetime, len(reply), labels, prefetch_at, count_device)
-        if len(self._entries) > self._max:
+        self._bytes += ENTRY_COST + entry.size
+        while len(self._entries) > self._max or self._bytes > self._max_bytes:
             self._evict_one()
         return entry
 
@@ -172,10 +189,12 @@ class ReplyCache:
         for _ in range(SECOND_CHANCES):
             oldest, entry = entries.popitem(last=False)
             if not entry.recently_used:
+                self._bytes -= ENTRY_COST + entry.size
                 return
             entry.recently_used = False
             entries[oldest] = entry
-        entries.popitem(last=False)
+        _, entry = entries.popitem(last=False)
+        self._bytes -= ENTRY_COST + entry.size
 
     def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply, bool] | None:
         """The cached reply for this query (ID, RD bit and question case from `packet`), its entry, and whether
@@ -185,7 +204,7 @@ class ReplyCache:
             return None
         now = time.monotonic()
         if now >= entry.expires_at:
-            del self._entries[(view, query.question, query.edns)]
+            self._remove((view, query.question, query.edns))
             return None
         if entry.size > query.udp_size:
             return None  # the slow path truncates
@@ -199,7 +218,7 @@ class ReplyCache:
         return packet[:2] + header + packet[12:query.question_end] + tail, entry, prefetch
 
 
-MAX_EXACT = 16_384  # exact query bytes indexed, all views together (~300 bytes each)
+MAX_EXACT = 8_192  # exact query bytes indexed, all views together (~300 bytes each)
 
 
 @dataclass(slots=True)

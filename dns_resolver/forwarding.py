@@ -28,6 +28,8 @@ _QUERY_HEADER = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01"
 OUR_OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 STALE_TTL = 30  # RFC 8767's recommendation for an answer served stale
 MAX_ENTRIES = 20_000  # upstream answers by question (the reply cache in front of it answers the popular ones)
+MAX_BYTES = 4 * 1024 * 1024  # and their memory: ~10,000 typical answers
+ENTRY_COST = 440  # bytes an entry takes besides the answer itself (measured with tracemalloc)
 _TTL = struct.Struct("!I")
 
 
@@ -80,13 +82,15 @@ class Forwarder:
     rest awaits `answer`."""
 
     def __init__(self, pool: UpstreamPool, *, max_ttl: int = 86_400, stale_seconds: int = 86_400,
-                 max_entries: int = MAX_ENTRIES) -> None:
+                 max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
         self.pool = pool
         self.max_ttl = max_ttl
         self.stale_seconds = stale_seconds
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._flights: dict[bytes, list[AnswerCallback]] = {}
         self._max = max_entries
+        self._max_bytes = max_bytes
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -171,10 +175,14 @@ class Forwarder:
         if rcode in (0, 3) and offsets:  # NOERROR or NXDOMAIN, with at least one TTL (the SOA for negatives)
             entry.lifetime = min(self.max_ttl, min(_TTL.unpack_from(wire, end + o)[0] for o in offsets))
             if entry.lifetime >= 1:
+                replaced = self._cache.pop(question, None)
+                if replaced is not None:
+                    self._bytes -= ENTRY_COST + len(replaced.wire)
                 self._cache[question] = entry
-                self._cache.move_to_end(question)
-                if len(self._cache) > self._max:
-                    self._cache.popitem(last=False)
+                self._bytes += ENTRY_COST + len(wire)
+                while len(self._cache) > self._max or self._bytes > self._max_bytes:
+                    _, dropped = self._cache.popitem(last=False)
+                    self._bytes -= ENTRY_COST + len(dropped.wire)
         return entry
 
     def _stale_or_failure(self, question: bytes, failure: UpstreamFailure) -> UpstreamAnswer | UpstreamFailure:

@@ -15,7 +15,7 @@ from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dns_resolver.fastpath import ReplyCache, read_plain_query, ttl_offsets
+from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_plain_query, ttl_offsets
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
@@ -194,3 +194,15 @@ def test_repeated_query_bytes_keep_their_id_rd_bit_and_case_and_age(tmp_path: Pa
         later = ask(DNSRecord.question("LuMnI.fR"))
         assert first_ttl == 300 and 296 <= later.rr[0].ttl <= 298
         assert upstream.asked == ["lumni.fr"]
+
+
+def test_the_reply_cache_holds_to_its_memory_budget() -> None:
+    budget = 20 * (ENTRY_COST + 60)
+    cache = ReplyCache(max_bytes=budget)
+    for number in range(200):
+        packet = DNSRecord.question(f"name{number}.example.fr").pack()
+        query = read_plain_query(packet)
+        assert query is not None
+        cache.store("view", query, reply_for(DNSRecord.parse(packet), 300), 300, ("g", "allow", "default"))
+        assert cache.memory <= budget
+    assert 15 <= len(cache) <= 20

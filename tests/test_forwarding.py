@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from dnslib import DNSRecord
 
-from dns_resolver.forwarding import Forwarder
+from dns_resolver.forwarding import ENTRY_COST, Forwarder
 from dns_resolver.server import question_bytes
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.metrics import DNS_STALE_ANSWERS
@@ -78,6 +78,22 @@ def test_an_upstream_answering_servfail_is_passed_over() -> None:
         wire = asyncio.run(ask())
     assert str(DNSRecord.parse(wire).rr[0].rdata) == "192.0.2.9"
     assert broken.asked == ["lumni.fr"] and working.asked == ["lumni.fr"]
+
+
+def test_the_answer_cache_holds_to_its_memory_budget() -> None:
+    with UpstreamServer() as upstream:
+        budget = 10 * (ENTRY_COST + 60)
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=budget)
+
+        async def ask_many() -> None:
+            try:
+                for number in range(40):
+                    await forwarder.answer(question_bytes(f"name{number}.example.fr", 1))
+            finally:
+                forwarder.pool.close()
+
+        asyncio.run(ask_many())
+    assert len(upstream.asked) == 40 and 7 <= len(forwarder) <= 10
 
 
 def test_a_truncated_upstream_answer_is_fetched_whole_over_tcp() -> None:
