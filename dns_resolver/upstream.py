@@ -13,6 +13,7 @@ import os
 import socket
 import struct
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -65,6 +66,7 @@ class Upstream:
 
 SOCKETS_PER_UPSTREAM = 64
 QUERIES_PER_SOCKET = 100
+SWEEP_EVERY = 0.05  # seconds between looks for unanswered tries: a timeout ends at most this late
 
 
 class _RandomBytes:
@@ -131,25 +133,24 @@ class _SharedSocket:
             self.close()
 
     def _readable(self) -> None:
-        for _ in range(64):
-            try:
-                data = self.sock.recv(65535)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. ECONNREFUSED after an ICMP "port unreachable": nobody listens there
-                for _, _, on_error in list(self.pending.values()):
-                    on_error(exc)
-                return
-            if len(data) < 12:
-                continue
-            query_id = data[0] << 8 | data[1]
-            waiting = self.pending.get(query_id)
-            if waiting is None or data[12:12 + len(waiting[0])].lower() != waiting[0]:
-                continue  # not an answer to a question in flight here: ignore it and keep waiting
-            self.forget(query_id)
-            waiting[1](data)
-            if self.closed:  # retired, and that was its last answer
-                return
+        """One datagram per call: this socket rarely holds more, and the loop calls again while it does (reading
+        on to an empty socket would cost an exception per answer)."""
+        try:
+            data = self.sock.recv(65535)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. ECONNREFUSED after an ICMP "port unreachable": nobody listens there
+            for _, _, on_error in list(self.pending.values()):
+                on_error(exc)
+            return
+        if len(data) < 12:
+            return
+        query_id = data[0] << 8 | data[1]
+        waiting = self.pending.get(query_id)
+        if waiting is None or data[12:12 + len(waiting[0])].lower() != waiting[0]:
+            return  # not an answer to a question in flight here: ignore it and keep waiting
+        self.forget(query_id)
+        waiting[1](data)
 
     def close(self) -> None:
         if not self.closed:
@@ -189,18 +190,17 @@ class _Resolution:
     """One question sent to the healthy upstreams in turn until one gives a usable answer: its ID and question
     match, its code is not SERVFAIL or REFUSED, and a truncated answer is fetched again over TCP."""
 
-    __slots__ = ("attempt", "outcome", "pool", "query", "question", "remaining", "started", "timer", "upstream")
+    __slots__ = ("attempt", "outcome", "pool", "query", "question", "remaining", "started", "tries", "upstream")
 
     def __init__(self, pool: UpstreamPool, query: bytes, question: bytes, outcome: Outcome) -> None:
         self.pool, self.query, self.question, self.outcome = pool, query, question, outcome
         self.remaining = pool.order()
         self.upstream: Upstream | None = None
         self.attempt: tuple[_SharedSocket, int] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.started = 0.0
+        self.tries = 0  # tells a deadline of this try from one of an earlier try
 
     def try_next(self) -> None:
-        loop = asyncio.get_running_loop()
         while self.remaining:
             upstream = self.upstream = self.remaining.pop(0)
             self.started = time.perf_counter()
@@ -210,7 +210,8 @@ class _Resolution:
             except OSError as exc:
                 self._upstream_failed(exc)
                 continue
-            self.timer = loop.call_later(self.pool.timeout, self._failed, TimeoutError("no answer in time"))
+            self.tries += 1
+            self.pool.expect_by(self, self.tries)
             return
         self.outcome(UpstreamFailure("no upstream answered"))
 
@@ -247,15 +248,16 @@ class _Resolution:
         self.outcome(answer)
 
     def _failed(self, exc: Exception) -> None:
-        """No answer in time, or the socket reported an error."""
+        """The socket reported an error."""
         self._stop_waiting()
         self._upstream_failed(exc)
         self.try_next()
 
+    def timed_out(self, tries: int) -> None:
+        if tries == self.tries and self.attempt is not None:  # that try is still waiting
+            self._failed(TimeoutError("no answer in time"))
+
     def _stop_waiting(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         if self.attempt is not None:
             shared, query_id = self.attempt
             self.attempt = None
@@ -274,8 +276,29 @@ class UpstreamPool:
         self.timeout = timeout
         self.sockets = {u.label: _SocketPool(u.address, u.port) for u in self.upstreams}
         self.background: set[asyncio.Task[None]] = set()
+        # Tries by deadline (one timeout for all: the order of sending is the order of expiry), swept by one
+        # timer rather than a timer per query.
+        self._deadlines: deque[tuple[float, _Resolution, int]] = deque()
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def expect_by(self, resolution: _Resolution, tries: int) -> None:
+        """`resolution`'s try number `tries` fails unless answered within the timeout."""
+        self._deadlines.append((time.monotonic() + self.timeout, resolution, tries))
+        if self._sweeper is None:
+            self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            _, resolution, tries = deadlines.popleft()
+            resolution.timed_out(tries)  # may send a next try: appended, with a later deadline
+        self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep) if deadlines else None
 
     def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for sockets in self.sockets.values():
             sockets.close()
 
