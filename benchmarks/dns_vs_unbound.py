@@ -35,7 +35,7 @@ from blocklists.ut1 import read_ut1  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
-DNSPERF = ["-c", "8", "-T", "2", "-q", "500"]
+DNSPERF = ["-c", "32", "-T", "2", "-q", "500"]
 
 
 @dataclass

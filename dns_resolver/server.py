@@ -437,7 +437,8 @@ RECEIVE_SIZE = 4096  # a query is at most 512 bytes plus EDNS options; anything 
 class _UdpListener:
     """One UDP socket, read in batches straight from the event loop's readiness callback (a datagram protocol
     costs a Python call and a tuple per packet more). A repeated query is answered from `ExactReplies` by its
-    bytes; other cached plain queries from the `ReplyCache`; the rest go to the front as tasks.
+    bytes; other cached plain queries from the `ReplyCache`; allowed names are forwarded, the reply sent when the
+    upstream calls back; anything else (blocks, rewrites, unusual packets) goes the dnslib way, as a task.
 
     Which exact replies a source address may get depends on its client's view (rules generation, group, device,
     the profile in force): the address → view map is emptied whenever any of those may have changed."""
@@ -502,7 +503,12 @@ class _UdpListener:
                         front.count_minute(exact.entry.count_device)
                     hits += 1
                     continue
-            self._answer_other(data, addr, now)
+            try:
+                self._answer_other(data, addr, now)
+            except Exception:  # a bug: counted and logged; the dnslib path still answers (SERVFAIL at worst)
+                DNS_ERRORS.labels("internal").inc()
+                log.exception("internal error on the bytes path; answering through dnslib")
+                self._answer_later(data, addr, None)
         if hits:
             self._hits[0] += hits
             DNS_LATENCY.observe((time.perf_counter() - started) / hits, hits)  # the batch's mean, per answer
@@ -636,7 +642,7 @@ async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, write
         while True:  # several queries per connection, under the same per-client rate as UDP
             header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
             packet = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header)[0]), timeout=10)
-            if limiter is not None and not limiter.allow(address, time.perf_counter()):
+            if limiter is not None and not limiter.allow(address, time.monotonic()):
                 DNS_RATE_LIMITED.inc()
                 break
             answered = await front.handle(packet, address)

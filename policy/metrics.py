@@ -77,7 +77,8 @@ DNS_LATENCY = FastHistogram("vigie_dns_answer_seconds", "Time from a query's arr
                                      1, 2.5))
 DNS_RATE_LIMITED = Counter("vigie_dns_rate_limited", "UDP queries dropped: their client went over dns.rate_limit")
 DNS_STALE_ANSWERS = Counter("vigie_dns_stale_answers", "Answers served stale (RFC 8767): no upstream answered")
-DNS_ERRORS = Counter("vigie_dns_errors", "Queries answered SERVFAIL or FORMERR, by kind", ["kind"])
+DNS_ERRORS = Counter("vigie_dns_errors", "Queries answered SERVFAIL or FORMERR, or whose answer could not be sent, "
+                     "by kind", ["kind"])
 UPSTREAM_FAILURES = Counter("vigie_dns_upstream_failures", "Forwarded queries an upstream did not answer",
                             ["upstream"])
 UPSTREAM_UP = Gauge("vigie_dns_upstream_up", "1 while an upstream answers; 0 after 3 failures in a row, until it "
