@@ -13,7 +13,7 @@ import os
 import socket
 import struct
 import time
-from collections import deque
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -197,7 +197,7 @@ class _Resolution:
         self.upstream: Upstream | None = None
         self.attempt: tuple[_SharedSocket, int] | None = None
         self.started = 0.0
-        self.tries = 0  # tells a deadline of this try from one of an earlier try
+        self.tries = 0  # tells a send of this try, still posted, from one of an earlier try
 
     def try_next(self) -> None:
         while self.remaining:
@@ -211,7 +211,7 @@ class _Resolution:
             query_id, wire = shared.expect(self.query, self.question, self._answered, self._failed)
             self.attempt = (shared, query_id)
             self.tries += 1
-            self.pool.expect_by(self, self.tries)
+            self.pool.expect_by(self)
             self.pool.post(shared, wire, self, self.tries)
             return
         self.outcome(UpstreamFailure("no upstream answered"))
@@ -254,8 +254,8 @@ class _Resolution:
         self._upstream_failed(exc)
         self.try_next()
 
-    def timed_out(self, tries: int) -> None:
-        if tries == self.tries and self.attempt is not None:  # that try is still waiting
+    def timed_out(self) -> None:
+        if self.attempt is not None:
             self._failed(TimeoutError("no answer in time"))
 
     def not_sent(self, tries: int, exc: OSError) -> None:
@@ -267,6 +267,7 @@ class _Resolution:
             shared, query_id = self.attempt
             self.attempt = None
             shared.forget(query_id)
+            self.pool.deadlines.pop(self, None)
 
     def _upstream_failed(self, exc: Exception) -> None:
         assert self.upstream is not None
@@ -281,9 +282,10 @@ class UpstreamPool:
         self.timeout = timeout
         self.sockets = {u.label: _SocketPool(u.address, u.port) for u in self.upstreams}
         self.background: set[asyncio.Task[None]] = set()
-        # Tries by deadline (one timeout for all: the order of sending is the order of expiry), swept by one
-        # timer rather than a timer per query.
-        self._deadlines: deque[tuple[float, _Resolution, int]] = deque()
+        # Resolutions waiting for an answer → when their try times out. One timeout for all: the order of sending
+        # is the order of expiry, so one timer sweeps from the front (a timer per query costs more). An answered
+        # try leaves at once: only the queries in flight are held, not every query of the last timeout.
+        self.deadlines: OrderedDict[_Resolution, float] = OrderedDict()
         self._sweeper: asyncio.TimerHandle | None = None
         # Queries to send once the loop is done with its current callbacks: the misses of one batch of client
         # queries go out together, so the upstream (asleep, on a quiet server) is woken once for them, not once
@@ -306,18 +308,21 @@ class UpstreamPool:
             except OSError as exc:
                 resolution.not_sent(tries, exc)
 
-    def expect_by(self, resolution: _Resolution, tries: int) -> None:
-        """`resolution`'s try number `tries` fails unless answered within the timeout."""
-        self._deadlines.append((time.monotonic() + self.timeout, resolution, tries))
+    def expect_by(self, resolution: _Resolution) -> None:
+        """`resolution`'s current try fails unless answered within the timeout."""
+        self.deadlines[resolution] = time.monotonic() + self.timeout
         if self._sweeper is None:
             self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep)
 
     def _sweep(self) -> None:
         now = time.monotonic()
-        deadlines = self._deadlines
-        while deadlines and deadlines[0][0] <= now:
-            _, resolution, tries = deadlines.popleft()
-            resolution.timed_out(tries)  # may send a next try: appended, with a later deadline
+        deadlines = self.deadlines
+        while deadlines:
+            resolution, deadline = next(iter(deadlines.items()))
+            if deadline > now:
+                break
+            del deadlines[resolution]
+            resolution.timed_out()  # may send a next try: appended, with a later deadline
         self._sweeper = asyncio.get_running_loop().call_later(SWEEP_EVERY, self._sweep) if deadlines else None
 
     def close(self) -> None:
