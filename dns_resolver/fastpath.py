@@ -19,9 +19,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 OPT_TYPE = 41
-MAX_ENTRIES = 40_000  # replies by (rules generation, group, question)
-MAX_BYTES = 10 * 1024 * 1024  # and their memory: ~19,000 typical replies per worker (unbound's caches: 8 MB)
-ENTRY_COST = 490  # bytes an entry takes besides the reply itself (measured with tracemalloc)
+ENTRY_COST = 590  # bytes an entry takes besides the reply itself (a process's RSS growth per entry)
 SECOND_CHANCES = 8  # how many used entries an eviction may move back to the end before dropping one
 PREFETCH_AFTER = 0.9  # of an answer's lifetime
 PREFETCH_MIN_HITS = 3
@@ -138,11 +136,11 @@ class ReplyCache:
     entry goes unless it was used since it last came up, so that a stream of names asked once does not push out
     the popular ones (and a hit costs a flag, not a reordering)."""
 
-    def __init__(self, max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, max_bytes: int, max_entries: int | None = None) -> None:
         # An OrderedDict: taking the oldest of a plain dict walks past every slot deleted before it (O(n) each
         # time, seen as 5 % of the time under a stream of new names).
         self._entries: OrderedDict[tuple[object, bytes, bool], CachedReply] = OrderedDict()
-        self._max = max_entries
+        self._max = max_entries if max_entries is not None else max_bytes // ENTRY_COST  # as many as could fit
         self._max_bytes = max_bytes
         self._bytes = 0
 
@@ -218,8 +216,6 @@ class ReplyCache:
         return packet[:2] + header + packet[12:query.question_end] + tail, entry, prefetch
 
 
-MAX_EXACT = 8_192  # exact query bytes indexed, all views together (~300 bytes each)
-
 
 @dataclass(slots=True)
 class ExactReply:
@@ -239,12 +235,15 @@ class ExactReplies:
     """Source address → its view's exact replies: query bytes (after the ID) → `ExactReply`. Bounded by clearing:
     every entry is one hit away from being rebuilt from the `ReplyCache` behind it."""
 
-    def __init__(self, max_entries: int = MAX_EXACT) -> None:
+    def __init__(self, max_entries: int) -> None:
         self.by_address: dict[str, dict[bytes, ExactReply]] = {}
         self._view_of_address: dict[str, object] = {}
         self._by_view: dict[object, dict[bytes, ExactReply]] = {}
         self._count = 0
         self._max = max_entries
+
+    def __len__(self) -> int:
+        return self._count
 
     def clear(self) -> None:
         """Forget every address and reply (the dictionaries stay the same objects)."""

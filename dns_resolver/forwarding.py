@@ -27,9 +27,7 @@ _QUERY_HEADER = b"\x00\x00\x01\x00\x00\x01\x00\x00\x00\x00\x00\x01"
 # Root name, type OPT, UDP size 1232 (the DNS flag day 2020 value), no extended flags, no options.
 OUR_OPT = b"\x00\x00\x29\x04\xd0\x00\x00\x00\x00\x00\x00"
 STALE_TTL = 30  # RFC 8767's recommendation for an answer served stale
-MAX_ENTRIES = 20_000  # upstream answers by question (the reply cache in front of it answers the popular ones)
-MAX_BYTES = 4 * 1024 * 1024  # and their memory: ~10,000 typical answers
-ENTRY_COST = 440  # bytes an entry takes besides the answer itself (measured with tracemalloc)
+ENTRY_COST = 400  # bytes an entry takes besides the answer itself (a process's RSS growth per entry)
 _TTL = struct.Struct("!I")
 
 
@@ -81,19 +79,24 @@ class Forwarder:
     back together when its answer (or failure) arrives. The UDP front waits by callback (no task per query); the
     rest awaits `answer`."""
 
-    def __init__(self, pool: UpstreamPool, *, max_ttl: int = 86_400, stale_seconds: int = 86_400,
-                 max_entries: int = MAX_ENTRIES, max_bytes: int = MAX_BYTES) -> None:
+    def __init__(self, pool: UpstreamPool, *, max_bytes: int, max_ttl: int = 86_400, stale_seconds: int = 86_400,
+                 max_entries: int | None = None) -> None:
         self.pool = pool
         self.max_ttl = max_ttl
         self.stale_seconds = stale_seconds
         self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
         self._flights: dict[bytes, list[AnswerCallback]] = {}
-        self._max = max_entries
+        self._max = max_entries if max_entries is not None else max_bytes // ENTRY_COST  # as many as could fit
         self._max_bytes = max_bytes
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._cache)
+
+    @property
+    def memory(self) -> int:
+        """The bytes the cached answers take, estimated."""
+        return self._bytes
 
     def cached(self, question: bytes) -> UpstreamAnswer | None:
         """The fresh cached answer to `question`, if any."""

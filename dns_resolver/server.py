@@ -24,14 +24,23 @@ from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOptio
 
 from blocklists.errors import NameRejected
 from blocklists.names import normalize_domain
+from dns_resolver.budget import DECISION_COST, EXACT_COST, CacheBudget
 from dns_resolver.fastpath import ExactReplies, ExactReply, PlainQuery, RateLimiter, ReplyCache, read_plain_query
 from dns_resolver.forwarding import OUR_OPT, Forwarder, UpstreamAnswer
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
 from policy.engine import decide
-from policy.metrics import DNS_ERRORS, DNS_LATENCY, DNS_RATE_LIMITED, QUERIES, REPLY_CACHE
-from policy.model import BlockAnswer
+from policy.metrics import (
+    DNS_CACHE_BYTES,
+    DNS_CACHE_LIMIT,
+    DNS_ERRORS,
+    DNS_LATENCY,
+    DNS_RATE_LIMITED,
+    QUERIES,
+    REPLY_CACHE,
+)
+from policy.model import BlockAnswer, DnsSettings
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
@@ -40,7 +49,8 @@ log = logging.getLogger(__name__)
 EDE_OPTION = 15
 EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
-MAX_DECISION_CACHE = 10_000  # names by (group, device): ~250 bytes each, the verdicts being shared
+ONE_WORKER_DEFAULT = CacheBudget.share(DnsSettings.cache_bytes, 1)
+MAX_CLIENTS = 10_000  # source addresses remembered with their client, per worker (a city: ~5,000 tablets)
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 _UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
@@ -111,7 +121,8 @@ class DnsFront:
 
     def __init__(self, current_snapshot: Callable[[], Snapshot], current_state: Callable[[], StateView],
                  upstreams: UpstreamPool, count_minute: Callable[[str], None] = lambda device: None,
-                 rate_limit: int = 0, clock: Callable[[], float] = time.time) -> None:
+                 rate_limit: int = 0, clock: Callable[[], float] = time.time,
+                 cache: CacheBudget = ONE_WORKER_DEFAULT) -> None:
         self.current_snapshot = current_snapshot
         self.current_state = current_state
         self.count_minute = count_minute  # the device's current minute counts as screen time
@@ -119,12 +130,27 @@ class DnsFront:
         self.clock = clock
         self._decisions: OrderedDict[tuple[int, int, str, str | None, str], Verdict] = OrderedDict()
         self._verdicts: dict[Verdict, Verdict] = {}
-        self.forwarder = Forwarder(upstreams)
+        self.cache = cache
+        self.forwarder = Forwarder(upstreams, max_bytes=cache.upstream_bytes)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
         self._clients: dict[str, tuple[int, Client | None]] = {}
         self._views: dict[str, tuple[int, int, float, object]] = {}
-        self.replies = ReplyCache()
+        self.replies = ReplyCache(cache.replies_bytes)
+        self.exact_indexes: list[ExactReplies] = []  # one per UDP socket
         self.tcp_connections: dict[str, int] = {}  # open TCP connections per client address
+        self._publish_cache_memory()
+
+    def _publish_cache_memory(self) -> None:
+        """Each cache's memory and limit as gauges, read when Prometheus scrapes (so that an admin can see whether
+        `dns.cache_size` is too small: caches at their limit and a low hit rate)."""
+        used = {"replies": lambda: self.replies.memory, "upstream": lambda: self.forwarder.memory,
+                "decisions": lambda: len(self._decisions) * DECISION_COST,
+                "exact": lambda: sum(map(len, self.exact_indexes)) * EXACT_COST}
+        limits = {"replies": self.cache.replies_bytes, "upstream": self.cache.upstream_bytes,
+                  "decisions": self.cache.decisions * DECISION_COST, "exact": self.cache.exact_replies * EXACT_COST}
+        for cache, measure in used.items():
+            DNS_CACHE_BYTES.labels(cache).set_function(measure)
+            DNS_CACHE_LIMIT.labels(cache).set(limits[cache])
 
     def client_of(self, address: str, snapshot: Snapshot) -> Client | None:
         """The client behind a source address, remembered per rules generation (parsing an address costs more
@@ -132,7 +158,7 @@ class DnsFront:
         known = self._clients.get(address)
         if known is not None and known[0] == snapshot.generation:
             return known[1]
-        if len(self._clients) > MAX_DECISION_CACHE:
+        if len(self._clients) > MAX_CLIENTS:
             self._clients.clear()
         client = snapshot.identify(address)
         self._clients[address] = (snapshot.generation, client)
@@ -228,11 +254,11 @@ class DnsFront:
         verdict = self._decisions.get(key)
         if verdict is None or (verdict.until is not None and now >= verdict.until):
             made = Verdict.of(decide(Query(client, name, now), snapshot, state))
-            if len(self._verdicts) > MAX_DECISION_CACHE:
+            if len(self._verdicts) > self.cache.decisions:
                 self._verdicts.clear()  # verdicts of past schedules or rules; those in use stay cached as keys' values
             verdict = self._verdicts.setdefault(made, made)
             self._decisions[key] = verdict
-            if len(self._decisions) > MAX_DECISION_CACHE:
+            if len(self._decisions) > self.cache.decisions:
                 self._decisions.popitem(last=False)
         if verdict.counts_screen_time and client.device is not None:
             self.count_minute(client.device)
@@ -443,11 +469,11 @@ class _UdpListener:
     Which exact replies a source address may get depends on its client's view (rules generation, group, device,
     the profile in force): the address → view map is emptied whenever any of those may have changed."""
 
-    def __init__(self, front: DnsFront, sock: socket.socket) -> None:
+    def __init__(self, front: DnsFront, sock: socket.socket, exact_replies: int) -> None:
         self.front = front
         self.sock = sock
         self.tasks: set[asyncio.Task[None]] = set()
-        self.exact = ExactReplies()
+        self.exact = ExactReplies(exact_replies)
         self._addresses_valid: tuple[object, int] = (None, -1)  # (snapshot, state version) of the address map
         self._addresses_until = float("inf")  # wall clock: the first change of profile among the mapped groups
         self._hits = REPLY_CACHE.cell("hit")
@@ -701,7 +727,8 @@ async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
             sock.close()
             raise
         _enlarge_receive_buffer(sock)
-        listener = _UdpListener(front, sock)
+        listener = _UdpListener(front, sock, max(1, front.cache.exact_replies // len(listen)))
+        front.exact_indexes.append(listener.exact)
         loop.add_reader(sock.fileno(), listener.readable)
         servers.append(listener)
         server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port,

@@ -114,6 +114,14 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _SIZE_UNITS[match.group(2) or "b"])
 
 
+def parse_cache_size(text: str) -> int:
+    """A DNS cache size: at least 1MB (below that, the popular names would not stay cached)."""
+    size = parse_size(text)
+    if size < 10**6:
+        raise ValueError("less than 1MB")
+    return size
+
+
 def parse_rate(text: str) -> int:
     """`1000/s`, `1000`, or `off` (0) → queries per second."""
     text = text.strip().lower()
@@ -358,7 +366,7 @@ class _RulesReader:
 
     def _dns(self, field: Field) -> DnsSettings:
         keys = field.mapping(("listen", "upstreams", "block_answer", "blockpage_address", "max_ttl", "workers",
-                              "rate_limit"))
+                              "rate_limit", "cache_size"))
         defaults = DnsSettings()
         listen = tuple(v for f in keys["listen"].items() if (v := f.converted(parse_listen, "127.0.0.1:53")))\
             if "listen" in keys else defaults.listen
@@ -389,8 +397,10 @@ class _RulesReader:
             else None
         workers = keys["workers"].converted(parse_workers, "2") if "workers" in keys else None
         rate_limit = keys["rate_limit"].converted(parse_rate, "1000/s") if "rate_limit" in keys else None
+        cache_bytes = keys["cache_size"].converted(parse_cache_size, "32MB") if "cache_size" in keys else None
         return DnsSettings(listen, upstreams, answer, ipv4, ipv6, max_ttl or defaults.max_ttl_seconds,
-                           workers or defaults.workers, defaults.rate_limit if rate_limit is None else rate_limit)
+                           workers or defaults.workers, defaults.rate_limit if rate_limit is None else rate_limit,
+                           cache_bytes or defaults.cache_bytes)
 
     def _lists(self, field: Field | None) -> tuple[ListSource, ...]:
         sources = [ListSource(BUNDLED_SOURCE, "(bundled)", ListFormat.DOMAINS,

@@ -85,6 +85,10 @@ UPSTREAM_UP = Gauge("vigie_dns_upstream_up", "1 while an upstream answers; 0 aft
                     "answers again", ["upstream"])
 UPSTREAM_LATENCY = FastHistogram("vigie_dns_upstream_seconds", "Time an upstream took to answer a forwarded query",
                                  buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2))
+DNS_CACHE_BYTES = Gauge("vigie_dns_cache_bytes", "Memory this DNS worker's caches take (estimated), by cache "
+                        "(replies, upstream, decisions, exact)", ["cache"])
+DNS_CACHE_LIMIT = Gauge("vigie_dns_cache_limit_bytes", "This DNS worker's share of dns.cache_size, by cache",
+                        ["cache"])
 RELOADS = Counter("vigie_rules_reloads", "Rules reloads by result (ok, invalid)", ["result"])
 RULES_GENERATION = Gauge("vigie_rules_generation", "Generation of the rules snapshot in force")
 RULES_LOADED_AT = Gauge("vigie_rules_loaded_timestamp_seconds", "When the rules in force were loaded")

@@ -171,6 +171,7 @@ class DnsSettings:
     max_ttl_seconds: int = 3600
     workers: int = 1  # processes sharing the DNS port (SO_REUSEPORT); production: one per core
     rate_limit: int = 1000  # UDP queries per second per client address (bursts to twice that); 0: no limit
+    cache_bytes: int = 32_000_000  # every cache of every worker together (each worker gets its share), like unbound's
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def reply_for(query: DNSRecord, ttl: int) -> bytes:
 
 
 def test_a_cached_reply_keeps_the_askers_id_and_case_and_ages_its_ttls() -> None:
-    cache = ReplyCache()
+    cache = ReplyCache(max_bytes=1_000_000)
     first = DNSRecord.question("lumni.fr")
     query = read_plain_query(first.pack())
     assert query is not None
@@ -130,6 +130,46 @@ def test_workers_share_the_port_reload_together_and_stop_together(tmp_path: Path
     assert subprocess.run(["ps", "-p", workers[0]], capture_output=True).returncode != 0, "the worker stopped too"
 
 
+def two_free_ports() -> int:
+    """A free port whose next one is free too: the metrics of a main process and its one extra worker."""
+    while True:
+        port = free_port()
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
+            probe.bind(("127.0.0.1", port + 1))
+            return port
+
+
+def cache_gauges(port: int) -> dict[tuple[str, str], float]:
+    """(gauge, cache) → value, from one process's /metrics."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(gauge, cache): float(value) for gauge, cache, value in
+            re.findall(r'^(vigie_dns_cache_(?:bytes|limit_bytes))\{cache="(\w+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path: Path) -> None:
+    sized = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {cache_size: 2MB}")
+    rules = write_tree(tmp_path, {"rules.yaml": sized, "games.txt": "roblox.com\n"})
+    metrics = two_free_ports()
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \
+            as vigie, contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(16)]
+        for number in range(3000):  # each name twice (the second time indexes its exact bytes), over 16 source ports
+            sock = sockets[number % 16]
+            sock.settimeout(2)
+            for _ in range(2):
+                sock.sendto(DNSRecord.question(f"name{number}.example.fr").pack(), ("127.0.0.1", vigie.dns_port))
+                assert DNSRecord.parse(sock.recv(4096)).header.rcode == 0
+        workers = [cache_gauges(metrics), cache_gauges(metrics + 1)]
+    for gauges in workers:
+        limits = {cache: value for (gauge, cache), value in gauges.items() if gauge == "vigie_dns_cache_limit_bytes"}
+        assert set(limits) == {"replies", "upstream", "decisions", "exact"}
+        assert 0.95 * 1_000_000 <= sum(limits.values()) <= 1_000_000, "each of the 2 workers gets half of 2MB"
+        for cache, limit in limits.items():
+            assert gauges[("vigie_dns_cache_bytes", cache)] <= limit, cache
+        assert gauges[("vigie_dns_cache_bytes", "replies")] >= 0.8 * limits["replies"], "1,500 names filled it"
+        assert gauges[("vigie_dns_cache_bytes", "decisions")] >= 0.8 * limits["decisions"]
+
+
 def test_a_client_over_its_rate_gets_no_answer_then_gets_answers_again(tmp_path: Path) -> None:
     limited = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {rate_limit: 20/s}")
     rules = write_tree(tmp_path, {"rules.yaml": limited, "games.txt": "roblox.com\n"})
@@ -153,7 +193,7 @@ def test_a_client_over_its_rate_gets_no_answer_then_gets_answers_again(tmp_path:
 
 
 def test_a_stream_of_new_names_does_not_push_out_a_name_in_use() -> None:
-    cache = ReplyCache(max_entries=3)
+    cache = ReplyCache(max_bytes=1_000_000, max_entries=3)
     queries = {}
     for name in ("popular.fr", "b.fr", "c.fr", "d.fr", "e.fr"):
         packet = DNSRecord.question(name).pack()

@@ -24,7 +24,7 @@ QUESTION = question_bytes("lumni.fr", 1)
 def test_identical_questions_in_flight_go_upstream_once() -> None:
     with UpstreamServer() as upstream:
         upstream.delay = 0.3
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)))
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=1_000_000)
 
         async def many() -> list[bytes]:
             try:
@@ -40,7 +40,8 @@ def test_identical_questions_in_flight_go_upstream_once() -> None:
 
 def test_an_answer_is_served_stale_while_every_upstream_is_down_then_no_more() -> None:
     with UpstreamServer(ttl=1) as upstream:
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), stale_seconds=2)
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), max_bytes=1_000_000,
+                              stale_seconds=2)
 
         async def scenario() -> None:
             try:
@@ -71,7 +72,7 @@ def test_an_upstream_answering_servfail_is_passed_over() -> None:
 
         async def ask() -> bytes:
             try:
-                return (await Forwarder(pool).answer(QUESTION)).wire
+                return (await Forwarder(pool, max_bytes=1_000_000).answer(QUESTION)).wire
             finally:
                 pool.close()
 
@@ -99,7 +100,7 @@ def test_the_answer_cache_holds_to_its_memory_budget() -> None:
 def test_a_truncated_upstream_answer_is_fetched_whole_over_tcp() -> None:
     with UpstreamServer(tcp=True) as upstream:
         upstream.truncate, upstream.records = True, 60
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)))
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=1_000_000)
 
         async def ask() -> bytes:
             try:

@@ -92,6 +92,9 @@ BAD = [
     ("a bad list size limit is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                           "  lists: {max_size: lots}"),
      r"rules.yaml:3:\d+: server.lists.max_size: 'lots': not a size \(example: 512MB\)"),
+    ("a DNS cache under 1MB is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                          "  dns: {cache_size: 100KB}"),
+     r"rules.yaml:3:\d+: server.dns.cache_size: '100KB': less than 1MB \(example: 32MB\)"),
     ("a shrink over 100% is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                        "  lists: {max_shrink: 150%}"),
      r"server.lists.max_shrink: '150%': not between 0% and 100% \(example: 50%\)"),
@@ -126,6 +129,13 @@ def test_list_update_settings_are_read(tmp_path: Path) -> None:
     policy = load_rules(write_tree(tmp_path, {"rules.yaml": text})).rules.server.list_updates
     assert (policy.refresh_seconds, policy.timeout_seconds, policy.max_bytes, policy.max_shrink) == \
         (6 * 3600, 120, 20 * 2**20, 0.2)
+
+
+def test_the_dns_cache_size_is_read_and_has_a_default(tmp_path: Path) -> None:
+    (tmp_path / "city.txt").write_text("roblox.com\n")
+    sized = BASE.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {cache_size: 64 MiB}")
+    assert load_rules(write_tree(tmp_path, {"rules.yaml": sized})).rules.server.dns.cache_bytes == 64 * 2**20
+    assert load_rules(write_tree(tmp_path, {"rules.yaml": BASE})).rules.server.dns.cache_bytes == 32_000_000
 
 
 def test_every_problem_is_reported_not_only_the_first(tmp_path: Path) -> None:

@@ -29,6 +29,7 @@ from prometheus_client import start_http_server
 from blocklists.errors import VigieError
 from blocklists.sources import SourceSpec
 from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
+from dns_resolver.budget import CacheBudget
 from dns_resolver.server import Closable, DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.errors import ConfigError
@@ -262,7 +263,8 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     front = None
     if fronts.dns is not None:
         front = DnsFront(lambda: holder.snapshot, lambda: keeper.view, UpstreamPool(fronts.dns.upstreams),
-                         count_minute=keeper.usage.record, rate_limit=fronts.dns.rate_limit)
+                         count_minute=keeper.usage.record, rate_limit=fronts.dns.rate_limit,
+                         cache=CacheBudget.share(fronts.dns.cache_bytes, fronts.dns.workers))
         dns_servers = await start_dns_servers(front, fronts.dns.listen, shared=fronts.dns.workers > 1)
         listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
                          f"upstreams {', '.join(fronts.dns.upstreams)}")
