@@ -152,9 +152,9 @@ def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path:
     metrics = two_free_ports()
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \
             as vigie, contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(16)]
-        for number in range(3000):  # each name twice (the second time indexes its exact bytes), over 16 source ports
-            sock = sockets[number % 16]
+        sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(64)]
+        for number in range(3000):  # each name twice (the second time indexes its exact bytes), over 64 source ports
+            sock = sockets[number % 64]
             sock.settimeout(2)
             for _ in range(2):
                 sock.sendto(DNSRecord.question(f"name{number}.example.fr").pack(), ("127.0.0.1", vigie.dns_port))
