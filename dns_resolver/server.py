@@ -705,33 +705,55 @@ def _enlarge_receive_buffer(sock: socket.socket | None) -> None:
             continue
 
 
-async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
-                            shared: bool = False) -> list[Closable]:
-    """Bind UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown. `shared`: several
-    worker processes bind the same ports (SO_REUSEPORT) and the kernel spreads clients over them."""
-    loop = asyncio.get_running_loop()
-    servers: list[Closable] = []
+class ListenError(Exception):
+    """A DNS address cannot be listened on (taken by another server, or a privileged port)."""
+
+
+def bind_udp(listen: tuple[str, ...]) -> list[socket.socket]:
+    """A non-blocking UDP socket bound on every `host:port` of `listen`, its receive buffer enlarged. Raises
+    ListenError."""
+    sockets: list[socket.socket] = []
     for entry in listen:
         host, _, port_text = entry.rpartition(":")
         host, port = host.strip("[]"), int(port_text)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
-            if shared:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             sock.bind((host, port))
             sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            for opened in sockets:
+                opened.close()
+            raise ListenError(f"cannot listen for DNS on {entry} (UDP): {exc.strerror}") from None
         _enlarge_receive_buffer(sock)
+        sockets.append(sock)
+    return sockets
+
+
+async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
+                            udp: list[socket.socket] | None = None) -> list[Closable]:
+    """Serve UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown. `udp`: sockets
+    bound before the workers were forked, one per address, shared by every worker: each takes the next query
+    when it is free. TCP listeners are per worker (SO_REUSEPORT) when there are several. Raises ListenError."""
+    loop = asyncio.get_running_loop()
+    servers: list[Closable] = []
+    udp_sockets = udp if udp is not None else bind_udp(listen)
+    for entry, sock in zip(listen, udp_sockets, strict=True):
+        host, _, port_text = entry.rpartition(":")
+        host, port = host.strip("[]"), int(port_text)
         listener = _UdpListener(front, sock, max(1, front.cache.exact_replies // len(listen)))
         front.exact_indexes.append(listener.exact)
         loop.add_reader(sock.fileno(), listener.readable)
         servers.append(listener)
-        server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port,
-                                            reuse_port=shared or None)
+        try:
+            server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port,
+                                                reuse_port=udp is not None or None)
+        except OSError as exc:
+            for opened in servers:
+                opened.close()
+            raise ListenError(f"cannot listen for DNS on {entry} (TCP): {exc.strerror}") from None
         servers.append(server)
     return servers

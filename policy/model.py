@@ -169,7 +169,7 @@ class DnsSettings:
     blockpage_ipv4: str | None = None
     blockpage_ipv6: str | None = None
     max_ttl_seconds: int = 3600
-    workers: int = 1  # processes sharing the DNS port (SO_REUSEPORT); production: one per core
+    workers: int = 1  # processes sharing the DNS sockets; production: one per core
     rate_limit: int = 1000  # UDP queries per second per client address (bursts to twice that); 0: no limit
     cache_bytes: int = 32_000_000  # every cache of every worker together (each worker gets its share), like unbound's
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -12,7 +14,7 @@ from pathlib import Path
 import pytest
 from dnslib import EDNS0, QTYPE, RCODE, DNSRecord
 
-from tests.conftest import free_port, write_tree
+from tests.conftest import REPO, free_port, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
 RULES = RULES_PREAMBLE + """
@@ -166,3 +168,18 @@ def test_https_records_of_rewritten_names_are_not_passed(running: tuple[VigiePro
         sock.sendto(DNSRecord.question("www.google.fr", "HTTPS").pack(), ("127.0.0.1", vigie.dns_port))
         reply = DNSRecord.parse(sock.recv(4096))
     assert reply.header.rcode == RCODE.NOERROR and not [rr for rr in reply.rr if rr.rtype == QTYPE.HTTPS]
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_dns_port_already_taken_is_one_clear_line(tmp_path: Path, workers: str) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "vigie", "dns", "--rules", str(rules), "--dns-listen",
+                                 f"127.0.0.1:{port}", "--metrics-listen", "off", "--api-listen", "off",
+                                 "--workers", workers], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1].startswith(
+        f"vigie: cannot listen for DNS on 127.0.0.1:{port} (UDP): Address already in use (is another DNS server")

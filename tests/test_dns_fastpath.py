@@ -170,6 +170,31 @@ def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path:
         assert gauges[("vigie_dns_cache_bytes", "decisions")] >= 0.8 * limits["decisions"]
 
 
+def queries_answered(port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return sum(float(value) for value in re.findall(r"^vigie_dns_queries_total\{[^}]*\} (\S+)$", text, re.MULTILINE))
+
+
+def test_workers_share_the_queries_of_a_single_source_port(tmp_path: Path) -> None:
+    """The workers read one UDP socket: whichever is free takes the next queries. With one socket per worker
+    (SO_REUSEPORT), the kernel would give every query of one address and port to the same worker."""
+    open_rules = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {rate_limit: off}")
+    rules = write_tree(tmp_path, {"rules.yaml": open_rules, "games.txt": "roblox.com\n"})
+    metrics = two_free_ports()
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \
+            as vigie, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(2)
+        query = DNSRecord.question("lumni.fr").pack()
+        for _ in range(20):  # bursts: one worker busy with a batch, the other reads the rest
+            for _ in range(200):
+                sock.sendto(query, ("127.0.0.1", vigie.dns_port))
+            for _ in range(200):
+                sock.recv(4096)
+        counts = [queries_answered(port) for port in (metrics, metrics + 1)]
+    assert sum(counts) == 4000
+    assert min(counts) >= 200, counts
+
+
 def test_a_client_over_its_rate_gets_no_answer_then_gets_answers_again(tmp_path: Path) -> None:
     limited = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {rate_limit: 20/s}")
     rules = write_tree(tmp_path, {"rules.yaml": limited, "games.txt": "roblox.com\n"})

@@ -3,8 +3,8 @@ change, refresh the downloaded lists on schedule.
 
 A reload builds the new snapshot in a worker thread beside the old one, then swaps one reference: queries keep
 being answered throughout, and an invalid edit leaves the old rules serving (logged, and counted in
-`vigie_rules_reloads_total{result="invalid"}`). With `dns.workers` > 1, extra processes share the DNS ports; each
-reloads by itself, and the main one also runs the proxy and the list updates.
+`vigie_rules_reloads_total{result="invalid"}`). With `dns.workers` > 1, extra processes share the DNS sockets;
+each reloads by itself, and the main one also runs the proxy and the list updates.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -30,7 +31,7 @@ from blocklists.errors import VigieError
 from blocklists.sources import SourceSpec
 from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
 from dns_resolver.budget import CacheBudget
-from dns_resolver.server import Closable, DnsFront, start_dns_servers
+from dns_resolver.server import Closable, DnsFront, ListenError, bind_udp, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.errors import ConfigError
 from policy.loader import load_rules, parse_listen, parse_workers
@@ -163,6 +164,7 @@ class Fronts:
     metrics_listen: str | None
     api_listen: str | None
     worker: int = 0  # 0: the main process (proxy, list updates); 1..n-1: extra DNS workers
+    udp_sockets: list[socket.socket] | None = None  # bound before forking, shared by the DNS workers
 
 
 def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
@@ -200,15 +202,22 @@ def run_services(args: argparse.Namespace) -> int:
         return 1
     # Listening addresses are read once at start: changing them needs a restart (said in the README).
     fronts = _fronts(args, holder.snapshot.rules.server)
-    workers = _start_dns_workers(holder, fronts) if fronts.dns and fronts.dns.workers > 1 else []
+    workers = []
     try:
+        if fronts.dns and fronts.dns.workers > 1:
+            fronts = dataclasses.replace(fronts, udp_sockets=bind_udp(fronts.dns.listen))
+            workers = _start_dns_workers(holder, fronts)
         return uvloop.run(_serve(holder, fronts, workers))
+    except ListenError as exc:
+        raise VigieError(f"{exc} (is another DNS server there? Ports under 1024 need root or "
+                         "CAP_NET_BIND_SERVICE; set server.dns.listen or --dns-listen)") from None
     finally:
         _stop_workers(workers)
 
 
 def _start_dns_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
-    """Fork the extra DNS workers. Each shares the DNS ports (SO_REUSEPORT) and the compiled lists (memory-mapped),
+    """Fork the extra DNS workers. Each shares the UDP sockets bound before the fork (whoever is free reads the next
+    query), listens on TCP with SO_REUSEPORT, maps the same compiled lists,
     watches the files itself, and serves its own metrics on the next ports (9108, 9109, ...)."""
     assert fronts.dns is not None
     children = []
@@ -265,7 +274,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         front = DnsFront(lambda: holder.snapshot, lambda: keeper.view, UpstreamPool(fronts.dns.upstreams),
                          count_minute=keeper.usage.record, rate_limit=fronts.dns.rate_limit,
                          cache=CacheBudget.share(fronts.dns.cache_bytes, fronts.dns.workers))
-        dns_servers = await start_dns_servers(front, fronts.dns.listen, shared=fronts.dns.workers > 1)
+        dns_servers = await start_dns_servers(front, fronts.dns.listen, fronts.udp_sockets)
         listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
                          f"upstreams {', '.join(fronts.dns.upstreams)}")
     if fronts.proxy_listen is not None:
