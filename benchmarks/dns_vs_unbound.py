@@ -35,8 +35,8 @@ from blocklists.ut1 import read_ut1  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
 
 ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
-# 32 source ports: with 8, the kernel's SO_REUSEPORT hash often gave one of two workers (or unbound threads) three
-# quarters of the queries.
+# 32 source ports: with 8, the kernel's SO_REUSEPORT hash often gave one of unbound's two threads (each has its own
+# socket) three quarters of the queries. Vigie's workers share one socket and do not depend on it.
 DNSPERF = ["-c", "32", "-T", "2", "-q", "500"]
 
 
