@@ -216,9 +216,9 @@ def run_services(args: argparse.Namespace) -> int:
 
 
 def _start_dns_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
-    """Fork the extra DNS workers. Each shares the UDP sockets bound before the fork (whoever is free reads the next
-    query), listens on TCP with SO_REUSEPORT, maps the same compiled lists,
-    watches the files itself, and serves its own metrics on the next ports (9108, 9109, ...)."""
+    """Fork the extra DNS workers. Each reads the UDP sockets bound before the fork (whoever is free takes the next
+    query), listens on TCP with SO_REUSEPORT, maps the same compiled lists, watches the files itself, and serves its
+    own metrics on the next ports (9108, 9109, ...)."""
     assert fronts.dns is not None
     children = []
     for worker in range(1, fronts.dns.workers):
