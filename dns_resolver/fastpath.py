@@ -70,13 +70,26 @@ def read_plain_query(packet: bytes) -> PlainQuery | None:
 def ttl_offsets(reply: bytes, question_end: int) -> list[int] | None:
     """Offsets (from `question_end`) of every TTL in the answer, authority and additional sections, the OPT record
     aside; None when the reply cannot be walked (then it is not cached)."""
+    read = read_records(reply, question_end)
+    return None if read is None else read[1]
+
+
+def read_records(wire: bytes, question_end: int) -> tuple[bytes, list[int], int | None] | None:
+    """One walk over the records after the question: the message without its OPT records (the additional count
+    lowered to match), the offsets (from `question_end`) of every TTL left, and the smallest TTL (None when there
+    is no record); None when the records cannot be walked. A reply is then cached and made the client's without
+    reading it again."""
     try:
-        records = sum(struct.unpack("!HHH", reply[6:12]))
-        offsets = []
+        answers, authority, additional = struct.unpack_from("!HHH", wire, 6)
+        offsets: list[int] = []
+        smallest: int | None = None
+        removed: list[tuple[int, int]] = []  # (start, end) of the OPT records of the additional section
+        cut = 0  # bytes of OPT records before the current one
         index = question_end
-        for _ in range(records):
+        for number in range(answers + authority + additional):
+            start = index
             while True:  # the owner name: labels, ending with a zero or a pointer
-                length = reply[index]
+                length = wire[index]
                 if length == 0:
                     index += 1
                     break
@@ -84,13 +97,30 @@ def ttl_offsets(reply: bytes, question_end: int) -> list[int] | None:
                     index += 2
                     break
                 index += length + 1
-            rtype, rdlength = reply[index] << 8 | reply[index + 1], reply[index + 8] << 8 | reply[index + 9]
+            rtype, rdlength = wire[index] << 8 | wire[index + 1], wire[index + 8] << 8 | wire[index + 9]
+            end = index + 10 + rdlength
             if rtype != OPT_TYPE:
-                offsets.append(index + 4 - question_end)
-            index += 10 + rdlength
-        return offsets if index == len(reply) else None
-    except IndexError:
+                ttl = wire[index + 4] << 24 | wire[index + 5] << 16 | wire[index + 6] << 8 | wire[index + 7]
+                offsets.append(index + 4 - question_end - cut)
+                if smallest is None or ttl < smallest:
+                    smallest = ttl
+            elif number >= answers + authority:
+                removed.append((start, end))
+                cut += end - start
+            index = end
+    except (IndexError, struct.error):
         return None
+    if index != len(wire):
+        return None
+    if removed:
+        kept = [wire[:10], struct.pack("!H", additional - len(removed))]
+        previous = 12
+        for start, end in removed:
+            kept.append(wire[previous:start])
+            previous = end
+        kept.append(wire[previous:])
+        wire = b"".join(kept)
+    return wire, offsets, smallest
 
 
 @dataclass(slots=True)
@@ -164,18 +194,22 @@ class ReplyCache:
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
               labels: tuple[str, ...], *, from_upstream: bool = False,
-              count_device: str | None = None) -> CachedReply | None:
+              count_device: str | None = None, offsets: tuple[int, ...] | None = None) -> CachedReply | None:
+        """Cache `reply` to `query` for `lifetime` seconds. `offsets`: its TTLs' offsets from the end of the
+        question, when the caller knows them (a forwarded answer: read once, on arrival)."""
         if lifetime < 1 or len(reply) < query.question_end:
             return None
         reply = bytes(reply)
-        offsets = ttl_offsets(reply, query.question_end)
         if offsets is None:
-            return None
+            found = ttl_offsets(reply, query.question_end)
+            if found is None:
+                return None
+            offsets = tuple(found)
         now = time.monotonic()
         key = (view, query.question, query.edns)
         prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
         self._remove(key)  # re-inserted at the end
-        entry = self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], tuple(offsets), now,
+        entry = self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], offsets, now,
                                                  now + lifetime, len(reply), labels, prefetch_at, count_device)
         self._bytes += ENTRY_COST + entry.size
         while len(self._entries) > self._max or self._bytes > self._max_bytes:

@@ -2,7 +2,8 @@
 query for many identical questions in flight, and serve-stale (RFC 8767) when no upstream answers.
 
 Questions go upstream lower-cased with Vigie's own EDNS record and nothing else: a client's EDNS client-subnet,
-cookies or padding never leave the server (privacy), and the answer does not depend on who asked first.
+cookies or padding never leave the server (privacy), and the answer does not depend on who asked first. Answers are
+kept without the upstream's OPT record: a client gets Vigie's own, and only if it sent one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from dns_resolver.fastpath import ttl_offsets
+from dns_resolver.fastpath import read_records
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.metrics import DNS_ERRORS, DNS_STALE_ANSWERS
 
@@ -33,19 +34,20 @@ _TTL = struct.Struct("!I")
 
 @dataclass(slots=True)
 class _Entry:
-    wire: bytes
-    offsets: list[int]  # TTL offsets from the end of the question
+    wire: bytes  # without OPT record
+    offsets: tuple[int, ...]  # TTL offsets from the end of the question
     question_end: int
     stored_at: float
     lifetime: float
 
 
 class UpstreamAnswer(NamedTuple):
-    """An upstream answer with its TTLs aged to now; `lifetime` is how long it stays valid (0 when stale)."""
+    """An upstream answer (without OPT record) with its TTLs aged to now; `lifetime` is how long it stays valid (0
+    when stale)."""
 
     wire: bytes
     question_end: int
-    offsets: list[int]
+    offsets: tuple[int, ...]
     lifetime: float
 
     @property
@@ -60,7 +62,7 @@ def question_end(wire: bytes) -> int:
     return index + 5
 
 
-def age_ttls(wire: bytes, start: int, offsets: list[int], elapsed: int, floor: int = 0) -> bytes:
+def age_ttls(wire: bytes, start: int, offsets: tuple[int, ...], elapsed: int, floor: int = 0) -> bytes:
     """`wire` with every TTL lowered by `elapsed` seconds (never under `floor`)."""
     if not elapsed and not floor:
         return wire
@@ -159,10 +161,13 @@ class Forwarder:
         else:
             try:
                 entry = self._store(question, result)
-                answer = self._aged(entry, entry.stored_at)
             except Exception as exc:  # a bug: the waiters must not wait forever
                 log.exception("internal error reading an upstream answer")
-                answer = UpstreamFailure(repr(exc))
+                entry = UpstreamFailure(repr(exc))
+            if isinstance(entry, UpstreamFailure):
+                answer = self._stale_or_failure(question, entry)
+            else:
+                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime)
         for callback in self._flights.pop(question, []):
             try:
                 callback(answer)
@@ -170,13 +175,18 @@ class Forwarder:
                 DNS_ERRORS.labels("internal").inc()
                 log.exception("internal error delivering a forwarded answer")
 
-    def _store(self, question: bytes, wire: bytes) -> _Entry:
+    def _store(self, question: bytes, wire: bytes) -> _Entry | UpstreamFailure:
+        """The answer read once (without OPT record, its TTLs found) and cached when it may be; an UpstreamFailure
+        when its records cannot be read."""
         end = question_end(wire)
-        offsets = ttl_offsets(wire, end) or []
-        entry = _Entry(wire, offsets, end, time.monotonic(), 0.0)
+        read = read_records(wire, end)
+        if read is None:  # counted as an upstream error where a client is answered
+            return UpstreamFailure("an upstream answer whose records cannot be read")
+        wire, offsets, smallest_ttl = read
+        entry = _Entry(wire, tuple(offsets), end, time.monotonic(), 0.0)
         rcode = wire[3] & 0x0F
-        if rcode in (0, 3) and offsets:  # NOERROR or NXDOMAIN, with at least one TTL (the SOA for negatives)
-            entry.lifetime = min(self.max_ttl, min(_TTL.unpack_from(wire, end + o)[0] for o in offsets))
+        if rcode in (0, 3) and smallest_ttl is not None:  # NOERROR or NXDOMAIN, with a TTL (the SOA for negatives)
+            entry.lifetime = min(self.max_ttl, smallest_ttl)
             if entry.lifetime >= 1:
                 replaced = self._cache.pop(question, None)
                 if replaced is not None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import socket
 import struct
 import time
@@ -54,7 +53,8 @@ MAX_CLIENTS = 10_000  # source addresses remembered with their client, per worke
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 _UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
-_HOST_LABEL = re.compile(rb"[a-z0-9_-]{1,63}")
+_HOST_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_."  # what a plain name is made of, in lower case
+_TTL, _COUNT = struct.Struct("!I"), struct.Struct("!H")
 
 
 def formerr_for(packet: bytes) -> bytes | None:
@@ -77,6 +77,7 @@ class Answered(NamedTuple):
     view: object = None
     from_upstream: bool = False  # forwarded as is: worth fetching again before it expires if popular
     count_device: str | None = None  # the device whose minute a cached copy of this reply marks
+    ttl_offsets: tuple[int, ...] | None = None  # where its TTLs are, from the end of the question, when known
 
 
 class PlainPlan(NamedTuple):
@@ -129,7 +130,7 @@ class DnsFront:
         self.upstreams = upstreams
         self.clock = clock
         self._decisions: OrderedDict[tuple[int, int, str, str | None, str], Verdict] = OrderedDict()
-        self._verdicts: dict[Verdict, Verdict] = {}
+        self._verdicts: dict[tuple[object, ...], Verdict] = {}
         self.cache = cache
         self.forwarder = Forwarder(upstreams, max_bytes=cache.upstream_bytes)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
@@ -253,10 +254,16 @@ class DnsFront:
         key = (snapshot.generation, state.version, client.group, client.device, name)
         verdict = self._decisions.get(key)
         if verdict is None or (verdict.until is not None and now >= verdict.until):
-            made = Verdict.of(decide(Query(client, name, now), snapshot, state))
-            if len(self._verdicts) > self.cache.decisions:
-                self._verdicts.clear()  # verdicts of past schedules or rules; those in use stay cached as keys' values
-            verdict = self._verdicts.setdefault(made, made)
+            decision = decide(Query(client, name, now), snapshot, state)
+            # What a Verdict is made of, as a plain tuple: hashed and compared in C (the dataclass's own hash and
+            # equality are Python calls, and an enum's hash too, hence the members' `_value_`).
+            made_of = (decision.action._value_, decision.reason._value_, decision.group, decision.categories,
+                       decision.until, decision.counts_screen_time, decision.rewrite_to)
+            verdict = self._verdicts.get(made_of)
+            if verdict is None:
+                if len(self._verdicts) > self.cache.decisions:
+                    self._verdicts.clear()  # verdicts of past schedules or rules; those in use stay cached
+                verdict = self._verdicts[made_of] = Verdict.of(decision)
             self._decisions[key] = verdict
             if len(self._decisions) > self.cache.decisions:
                 self._decisions.popitem(last=False)
@@ -327,24 +334,21 @@ class DnsFront:
             return failed, 0.0
         return DNSRecord.parse(answer.wire), answer.lifetime
 
-    def plan_plain(self, query: PlainQuery, client_address: str) -> PlainPlan | None:
-        """The bytes path for a plain query whose name is allowed: what its reply will depend on, decided now;
-        the upstream answer is then given to `finish_plain`. None sends the query the dnslib way (blocks,
-        rewrites, anything unusual)."""
-        started = time.perf_counter()
-        snapshot = self.current_snapshot()
-        client = self.client_of(client_address, snapshot)
+    def plan_plain(self, query: PlainQuery, client: Client, snapshot: Snapshot, view: object | None,
+                   started: float) -> PlainPlan | None:
+        """The bytes path for a plain query from `client` whose name is allowed: what its reply will depend on,
+        decided now (`view`: what the reply may be cached under; `started`: perf_counter at arrival); the upstream
+        answer is then given to `finish_plain`. None sends the query the dnslib way (blocks, rewrites, anything
+        unusual)."""
         name = _plain_name(query.question)
-        if client is None or name is None:
+        if name is None:
             return None
-        timestamp = self.clock()
-        now = datetime.fromtimestamp(timestamp, UTC)
+        now = datetime.fromtimestamp(self.clock(), UTC)
         decision = self._verdict(snapshot, client, name, now)
         if decision.action is not Action.ALLOW:
             return None
         QUERIES.inc(*decision.labels)
-        return PlainPlan(started, decision.labels, self._ttl_cap(decision, snapshot, now),
-                         self.reply_view(client, snapshot, self.current_state(), timestamp),
+        return PlainPlan(started, decision.labels, self._ttl_cap(decision, snapshot, now), view,
                          client.device if decision.counts_screen_time else None)
 
     @staticmethod
@@ -358,7 +362,8 @@ class DnsFront:
         reply = client_reply(packet, query, upstream, plan.ttl_cap)
         DNS_LATENCY.observe(time.perf_counter() - plan.started)
         lifetime = min(upstream.lifetime, plan.ttl_cap) if upstream.offsets else 0.0
-        return Answered(reply, lifetime, plan.labels, plan.view, from_upstream=True, count_device=plan.count_device)
+        return Answered(reply, lifetime, plan.labels, plan.view, from_upstream=True, count_device=plan.count_device,
+                        ttl_offsets=upstream.offsets)
 
     @staticmethod
     def _ttl_cap(decision: Verdict, snapshot: Snapshot, now: datetime) -> int:
@@ -376,51 +381,37 @@ def question_bytes(name: str, qtype: int) -> bytes:
 
 
 def _plain_name(question: bytes) -> str | None:
-    """`\x03www\x07example\x02fr\x00...` → `www.example.fr`, or None when a label is not a plain host label."""
+    """`\x03www\x07example\x02fr\x00...` → `www.example.fr`, or None when a label is not a plain host label
+    (letters, digits, `-`, `_`: the question is lower-cased already)."""
     labels, index = [], 0
     while question[index]:
-        label = question[index + 1:index + 1 + question[index]]
-        if not _HOST_LABEL.fullmatch(label):
-            return None
-        labels.append(label.decode("ascii"))
+        labels.append(question[index + 1:index + 1 + question[index]])
         index += question[index] + 1
-    return ".".join(labels) or None
+    name = b".".join(labels)
+    if not name or name.translate(None, _HOST_BYTES) or name.count(b".") != len(labels) - 1:
+        return None  # another byte, or a dot inside a label
+    return name.decode("ascii")
 
 
 def client_reply(packet: bytes, query: PlainQuery, upstream: UpstreamAnswer, ttl_cap: int) -> bytes:
     """The upstream answer made the client's: its ID, RD bit and question case, TTLs capped, our EDNS record
-    only if the client sent one (the upstream's own OPT never passes)."""
-    wire = upstream.wire
-    capped = bytearray(wire)
+    only if the client sent one (the forwarder already dropped the upstream's own)."""
+    wire, start = upstream.wire, upstream.question_end
+    records = wire[start:]
+    capped: bytearray | None = None
     for offset in upstream.offsets:
-        position = upstream.question_end + offset
-        if struct.unpack_from("!I", capped, position)[0] > ttl_cap:
-            struct.pack_into("!I", capped, position, ttl_cap)
-    records, additional = without_opt(bytes(capped), upstream.question_end)
+        if _TTL.unpack_from(records, offset)[0] > ttl_cap:
+            if capped is None:
+                capped = bytearray(records)
+            _TTL.pack_into(capped, offset, ttl_cap)
+    if capped is not None:
+        records = bytes(capped)
+    additional = wire[10:12]
     if query.edns:
         records += OUR_OPT
-        additional += 1
+        additional = _COUNT.pack((wire[10] << 8 | wire[11]) + 1)
     flags = ((wire[2] & 0xFA) | (packet[2] & 0x01), wire[3] | 0x80)  # not authoritative; the client's RD; RA
-    return (packet[:2] + bytes(flags) + packet[4:6] + wire[6:10] + struct.pack("!H", additional)
-            + packet[12:query.question_end] + records)
-
-
-def without_opt(wire: bytes, start: int) -> tuple[bytes, int]:
-    """The records after the question without any OPT record, and the additional count left."""
-    answers, authority, additional = struct.unpack("!HHH", wire[6:12])
-    kept, index, removed = [], start, 0
-    for number in range(answers + authority + additional):
-        begin = index
-        while wire[index] and wire[index] < 0xC0:
-            index += wire[index] + 1
-        index += 2 if wire[index] >= 0xC0 else 1
-        rtype = wire[index] << 8 | wire[index + 1]
-        index += 10 + (wire[index + 8] << 8 | wire[index + 9])
-        if rtype == 41 and number >= answers + authority:
-            removed += 1
-        else:
-            kept.append(wire[begin:index])
-    return b"".join(kept), additional - removed
+    return packet[:2] + bytes(flags) + packet[4:6] + wire[6:10] + additional + packet[12:query.question_end] + records
 
 
 def _servfail(packet: bytes, query: PlainQuery) -> bytes:
@@ -546,8 +537,11 @@ class _UdpListener:
             front = self.front
             snapshot = front.current_snapshot()
             client = front.client_of(addr[0], snapshot)
-            view = front.reply_view(client, snapshot, front.current_state(), front.clock()) if client else None
-            if client is not None and view is not None:
+            if client is None:
+                self._answer_later(data, addr, query)  # REFUSED, counted there
+                return
+            view = front.reply_view(client, snapshot, front.current_state(), front.clock())
+            if view is not None:
                 replies = self.exact.by_address.get(addr[0])
                 if replies is None:
                     replies = self.exact.map_address(addr[0], view)
@@ -574,7 +568,7 @@ class _UdpListener:
                     return
             self._misses[0] += 1
             try:
-                plan = front.plan_plain(query, addr[0])
+                plan = front.plan_plain(query, client, snapshot, view, started)
             except Exception:  # a bug: counted and logged; the dnslib path below still answers
                 DNS_ERRORS.labels("internal").inc()
                 log.exception("internal error on the bytes path; answering through dnslib")
@@ -625,7 +619,8 @@ class _UdpListener:
             # Into the reply cache only: the exact bytes are indexed at the second ask, so that the names asked
             # once (most of them, on a busy day) cost one entry, not two.
             self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels,
-                                     from_upstream=answered.from_upstream, count_device=answered.count_device)
+                                     from_upstream=answered.from_upstream, count_device=answered.count_device,
+                                     offsets=answered.ttl_offsets)
         limit = query.udp_size if query is not None else _client_udp_size(data)
         if len(answer) > limit:
             answer = _truncated(answer)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
 from datetime import datetime
+from typing import NamedTuple
 
 from policy.clients import Client
 
@@ -36,9 +36,10 @@ class Reason(enum.Enum):
     DEFAULT = "default"
 
 
-@dataclass(frozen=True)
-class Query:
-    """`host` is normalised (see blocklists.names) or an IP literal; `at` is an aware datetime."""
+class Query(NamedTuple):
+    """`host` is normalised (see blocklists.names) or an IP literal; `at` is an aware datetime. A NamedTuple, as
+    is Decision: immutable like a frozen dataclass, and built in a third of the time (one of each per DNS
+    question never seen before)."""
 
     client: Client | None
     host: str
@@ -47,8 +48,7 @@ class Query:
     url: str | None = None
 
 
-@dataclass(frozen=True)
-class Decision:
+class Decision(NamedTuple):
     action: Action
     reason: Reason
     explanation: str
