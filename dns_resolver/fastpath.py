@@ -17,6 +17,7 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 OPT_TYPE = 41
 ENTRY_COST = 590  # bytes an entry takes besides the reply itself (a process's RSS growth per entry)
@@ -26,9 +27,10 @@ PREFETCH_MIN_HITS = 3
 _TTL = struct.Struct("!I")
 
 
-@dataclass(frozen=True, slots=True)
-class PlainQuery:
-    """What the hot path needs of a query: the lower-cased question (the cache key) and where it ends."""
+class PlainQuery(NamedTuple):
+    """What the hot path needs of a query: the lower-cased question (the cache key) and where it ends. A
+    NamedTuple: one is made per query not answered from the exact bytes, three times faster than a frozen
+    dataclass."""
 
     question: bytes  # name in wire form, lower-cased, then type and class
     question_end: int
@@ -71,14 +73,22 @@ def ttl_offsets(reply: bytes, question_end: int) -> list[int] | None:
     """Offsets (from `question_end`) of every TTL in the answer, authority and additional sections, the OPT record
     aside; None when the reply cannot be walked (then it is not cached)."""
     read = read_records(reply, question_end)
-    return None if read is None else read[1]
+    return None if read is None else list(read.ttl_offsets)
 
 
-def read_records(wire: bytes, question_end: int) -> tuple[bytes, list[int], int | None] | None:
+class Records(NamedTuple):
+    """A message as `read_records` leaves it: without OPT record, its TTLs found."""
+
+    wire: bytes
+    question_end: int
+    ttl_offsets: tuple[int, ...]  # from `question_end`
+    smallest_ttl: int | None  # None when there is no record
+
+
+def read_records(wire: bytes, question_end: int) -> Records | None:
     """One walk over the records after the question: the message without its OPT records (the additional count
-    lowered to match), the offsets (from `question_end`) of every TTL left, and the smallest TTL (None when there
-    is no record); None when the records cannot be walked. A reply is then cached and made the client's without
-    reading it again."""
+    lowered to match), the offsets of every TTL left, and the smallest TTL; None when the records cannot be walked.
+    An upstream answer is read so once, on arrival: then cached and made a client's without reading it again."""
     try:
         answers, authority, additional = struct.unpack_from("!HHH", wire, 6)
         offsets: list[int] = []
@@ -120,7 +130,7 @@ def read_records(wire: bytes, question_end: int) -> tuple[bytes, list[int], int 
             previous = end
         kept.append(wire[previous:])
         wire = b"".join(kept)
-    return wire, offsets, smallest
+    return Records(wire, question_end, tuple(offsets), smallest)
 
 
 @dataclass(slots=True)

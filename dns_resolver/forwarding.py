@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from dns_resolver.fastpath import read_records
+from dns_resolver.fastpath import Records
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.metrics import DNS_ERRORS, DNS_STALE_ANSWERS
 
@@ -53,13 +53,6 @@ class UpstreamAnswer(NamedTuple):
     @property
     def rcode(self) -> int:
         return self.wire[3] & 0x0F
-
-
-def question_end(wire: bytes) -> int:
-    index = 12
-    while wire[index] != 0:
-        index += wire[index] + 1
-    return index + 5
 
 
 def age_ttls(wire: bytes, start: int, offsets: tuple[int, ...], elapsed: int, floor: int = 0) -> bytes:
@@ -103,10 +96,10 @@ class Forwarder:
     def cached(self, question: bytes) -> UpstreamAnswer | None:
         """The fresh cached answer to `question`, if any."""
         entry = self._cache.get(question)
+        if entry is None:
+            return None
         now = time.monotonic()
-        if entry is not None and now < entry.stored_at + entry.lifetime:
-            return self._aged(entry, now)
-        return None
+        return self._aged(entry, now) if now < entry.stored_at + entry.lifetime else None
 
     def when_answered(self, question: bytes, callback: AnswerCallback, *, refresh: bool = False) -> None:
         """Call `callback` with the answer to `question` (lower-cased name, type, class), now when it is cached
@@ -153,7 +146,7 @@ class Forwarder:
         if question not in self._flights:
             self.when_answered(question, _ignore, refresh=True)
 
-    def _landed(self, question: bytes, result: bytes | UpstreamFailure) -> None:
+    def _landed(self, question: bytes, result: Records | UpstreamFailure) -> None:
         """The upstream query for `question` ended: cache the answer, call back everyone waiting for it."""
         answer: UpstreamAnswer | UpstreamFailure
         if isinstance(result, UpstreamFailure):
@@ -161,13 +154,10 @@ class Forwarder:
         else:
             try:
                 entry = self._store(question, result)
+                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime)
             except Exception as exc:  # a bug: the waiters must not wait forever
                 log.exception("internal error reading an upstream answer")
-                entry = UpstreamFailure(repr(exc))
-            if isinstance(entry, UpstreamFailure):
-                answer = self._stale_or_failure(question, entry)
-            else:
-                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime)
+                answer = UpstreamFailure(repr(exc))
         for callback in self._flights.pop(question, []):
             try:
                 callback(answer)
@@ -175,17 +165,12 @@ class Forwarder:
                 DNS_ERRORS.labels("internal").inc()
                 log.exception("internal error delivering a forwarded answer")
 
-    def _store(self, question: bytes, wire: bytes) -> _Entry | UpstreamFailure:
-        """The answer read once (without OPT record, its TTLs found) and cached when it may be; an UpstreamFailure
-        when its records cannot be read."""
-        end = question_end(wire)
-        read = read_records(wire, end)
-        if read is None:  # counted as an upstream error where a client is answered
-            return UpstreamFailure("an upstream answer whose records cannot be read")
-        wire, offsets, smallest_ttl = read
-        entry = _Entry(wire, tuple(offsets), end, time.monotonic(), 0.0)
-        rcode = wire[3] & 0x0F
-        if rcode in (0, 3) and smallest_ttl is not None:  # NOERROR or NXDOMAIN, with a TTL (the SOA for negatives)
+    def _store(self, question: bytes, records: Records) -> _Entry:
+        """The answer as an entry, cached when it may be: NOERROR or NXDOMAIN, with a TTL of a second or more."""
+        wire = records.wire
+        entry = _Entry(wire, records.ttl_offsets, records.question_end, time.monotonic(), 0.0)
+        smallest_ttl = records.smallest_ttl
+        if wire[3] & 0x0F in (0, 3) and smallest_ttl is not None:  # the SOA's TTL for negatives
             entry.lifetime = min(self.max_ttl, smallest_ttl)
             if entry.lifetime >= 1:
                 replaced = self._cache.pop(question, None)

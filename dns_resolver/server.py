@@ -51,6 +51,7 @@ BLOCK_TTL = 60
 ONE_WORKER_DEFAULT = CacheBudget.share(DnsSettings.cache_bytes, 1)
 MAX_CLIENTS = 10_000  # source addresses remembered with their client, per worker (a city: ~5,000 tablets)
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
+_PASSED_RCODES = (RCODE.NOERROR, RCODE.NXDOMAIN)  # as plain ints: dnslib's RCODE.X is a Python-level lookup
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 _UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_."  # what a plain name is made of, in lower case
@@ -357,13 +358,12 @@ class DnsFront:
         if isinstance(upstream, UpstreamFailure):
             DNS_ERRORS.labels("upstream").inc()
             return Answered(_servfail(packet, query))
-        if upstream.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
+        if upstream.wire[3] & 0x0F not in _PASSED_RCODES:
             return Answered(_servfail(packet, query))
         reply = client_reply(packet, query, upstream, plan.ttl_cap)
         DNS_LATENCY.observe(time.perf_counter() - plan.started)
         lifetime = min(upstream.lifetime, plan.ttl_cap) if upstream.offsets else 0.0
-        return Answered(reply, lifetime, plan.labels, plan.view, from_upstream=True, count_device=plan.count_device,
-                        ttl_offsets=upstream.offsets)
+        return Answered(reply, lifetime, plan.labels, plan.view, True, plan.count_device, upstream.offsets)
 
     @staticmethod
     def _ttl_cap(decision: Verdict, snapshot: Snapshot, now: datetime) -> int:

@@ -17,6 +17,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from dns_resolver.fastpath import Records, read_records
 from policy.metrics import UPSTREAM_FAILURES, UPSTREAM_LATENCY, UPSTREAM_UP
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ RANDOM = _RandomBytes()
 
 
 AnswerHandler = Callable[[bytes], None]
-Outcome = Callable[["bytes | UpstreamFailure"], None]
+Outcome = Callable[["Records | UpstreamFailure"], None]
 
 
 class _SharedSocket:
@@ -187,7 +188,8 @@ class _SocketPool:
 
 class _Resolution:
     """One question sent to the healthy upstreams in turn until one gives a usable answer: its ID and question
-    match, its code is not SERVFAIL or REFUSED, and a truncated answer is fetched again over TCP."""
+    match, its code is not SERVFAIL or REFUSED, its records can be read, and a truncated answer is fetched again
+    over TCP. The answer is handed over read (`Records`): without OPT record, its TTLs found."""
 
     __slots__ = ("attempt", "outcome", "pool", "query", "question", "remaining", "started", "tries", "upstream")
 
@@ -244,9 +246,14 @@ class _Resolution:
             self._upstream_failed(UpstreamFailure(f"rcode {answer[3] & 0x0F}"))
             self.try_next()
             return
+        records = read_records(answer, 12 + len(self.question))  # the question was checked: it ends there
+        if records is None:
+            self._upstream_failed(UpstreamFailure("records that cannot be read"))
+            self.try_next()
+            return
         self.upstream.succeeded()
         UPSTREAM_LATENCY.observe(time.perf_counter() - self.started)
-        self.outcome(answer)
+        self.outcome(records)
 
     def _failed(self, exc: Exception) -> None:
         """The socket reported an error."""
@@ -333,28 +340,14 @@ class UpstreamPool:
             sockets.close()
 
     def order(self) -> list[Upstream]:
-        healthy = [u for u in self.upstreams if u.healthy]
+        now = time.monotonic()
+        healthy = [u for u in self.upstreams if now >= u.down_until]  # Upstream.healthy, one clock read for all
         return healthy or list(self.upstreams)
 
     def resolve_later(self, query: bytes, question: bytes, outcome: Outcome) -> None:
         """Send `query` (any ID: each try gets a random one) to the healthy upstreams in turn; `outcome` gets the
         first usable answer, or an UpstreamFailure when none came."""
         _Resolution(self, query, question, outcome).try_next()
-
-    async def resolve_wire(self, query: bytes, question: bytes) -> bytes:
-        """`resolve_later`, awaited. Raises UpstreamFailure."""
-        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-        def settle(result: bytes | UpstreamFailure) -> None:
-            if future.done():
-                return
-            if isinstance(result, UpstreamFailure):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-        self.resolve_later(query, question, settle)
-        return await future
 
     async def tcp(self, upstream: Upstream, wire: bytes) -> bytes:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(upstream.address, upstream.port),

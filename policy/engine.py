@@ -51,14 +51,16 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
         trail.append(explanation)
         return Decision(
             action=action, reason=reason, explanation=explanation, group=client.group, device=client.device,
-            profile=profile.name, categories=categories, lists=tuple(snapshot.lists.refs_in(lists)), rule=rule,
+            profile=profile.name, categories=categories, lists=tuple(snapshot.lists.refs_in(lists)) if lists else (),
+            rule=rule,
             until=_earliest(until, valid_until),
             rewrite_to=rewrite_to, search_portal=profile.search_portal, counts_screen_time=metered and counts,
             trail=tuple(trail),
         )
 
     # 2. overrides
-    overrides = [o for o in state.overrides if o.applies_to(client.group, client.device, at)]
+    overrides = [o for o in state.overrides if o.applies_to(client.group, client.device, at)] \
+        if state.overrides else []
     if overrides:
         found = _override_for(host, overrides)
         if found is not None:
@@ -81,9 +83,8 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
         return decision(Action.ALLOW, Reason.ALLOW_LIST, f"{host}{query.path or ''} is on the allow list of "
                         f"profile {profile.name} ({rule_text})", rule=rule_text)
 
-    locks = [o for o in overrides if o.kind is OverrideKind.LOCK]
-    if locks:
-        lock = locks[0]
+    lock = next((o for o in overrides if o.kind is OverrideKind.LOCK), None) if overrides else None
+    if lock is not None:
         return decision(Action.BLOCK, Reason.OVERRIDE_LOCK,
                         f"the {_override_scope(lock)} is locked by override {lock.id} (by {lock.author}) until "
                         f"{_clock(lock.expires_at, snapshot)}: only the allow list is reachable",

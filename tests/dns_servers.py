@@ -151,7 +151,7 @@ class UpstreamServer:
         if self.mode == "garbage":
             packet = os.urandom(64)
         elif self.mode == "mangled":
-            packet = request.reply().pack()[:-4] + b"\xc0\x0c\x00\x01\x00\x01\xff"  # a record cut short
+            packet = request.reply().pack() + b"\xc0\x0c\x00\x01\x00\x01\xff"  # a record cut short
             packet = packet[:6] + b"\x00\x01" + packet[8:]  # one answer announced
         else:
             reply = request.reply()

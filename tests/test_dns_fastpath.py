@@ -11,11 +11,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dnslib import EDNS0, QTYPE, RR, A, DNSRecord
+from dnslib import EDNS0, NS, QTYPE, RR, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_plain_query, ttl_offsets
+from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_plain_query, read_records, ttl_offsets
+from dns_resolver.server import _plain_name
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
@@ -78,6 +79,37 @@ def test_a_cached_reply_keeps_the_askers_id_and_case_and_ages_its_ttls() -> None
     time.sleep(1.1)
     aged = cache.reply(("g", 1), asked, packet)
     assert aged is not None and DNSRecord.parse(aged[0]).rr[0].ttl == 299
+
+
+def test_an_answer_is_read_once_without_its_opt_record_wherever_it_sits() -> None:
+    question = DNSRecord.question("lumni.fr")
+    answer = question.reply()
+    answer.add_answer(RR("lumni.fr", QTYPE.A, rdata=A("192.0.2.7"), ttl=300))
+    answer.add_auth(RR("lumni.fr", QTYPE.NS, rdata=NS("ns.lumni.fr"), ttl=900))
+    answer.add_ar(EDNS0(udp_len=1232))  # the upstream's OPT record, before another additional record
+    answer.add_ar(RR("ns.lumni.fr", QTYPE.A, rdata=A("192.0.2.53"), ttl=120))
+    wire = answer.pack()
+    end = len(question.pack())
+    records = read_records(wire, end)
+    assert records is not None and records.question_end == end
+    kept = DNSRecord.parse(records.wire)
+    assert [rr.rtype for rr in kept.ar] == [QTYPE.A] and kept.header.ar == 1
+    assert [str(rr.rdata) for rr in (*kept.rr, *kept.auth, *kept.ar)] == ["192.0.2.7", "ns.lumni.fr.", "192.0.2.53"]
+    ttls = [struct.unpack_from("!I", records.wire, end + offset)[0] for offset in records.ttl_offsets]
+    assert ttls == [300, 900, 120] and records.smallest_ttl == 120
+    assert read_records(wire[:-3], end) is None  # a record cut short
+    assert read_records(wire + b"\x00", end) is None  # bytes after the last record
+    empty = read_records(question.reply().pack(), end)
+    assert empty is not None and empty.ttl_offsets == () and empty.smallest_ttl is None
+
+
+def test_only_plain_host_names_take_the_bytes_path() -> None:
+    assert _plain_name(b"\x03www\x05lumni\x02fr\x00\x00\x01\x00\x01") == "www.lumni.fr"
+    assert _plain_name(b"\x05_acme\x03a-b\x00\x00\x01\x00\x01") == "_acme.a-b"
+    assert _plain_name(b"\x03a.b\x02fr\x00\x00\x01\x00\x01") is None  # a dot inside a label
+    assert _plain_name(b"\x03a b\x02fr\x00\x00\x01\x00\x01") is None
+    assert _plain_name(b"\x03\xc3\xa9t\x02fr\x00\x00\x01\x00\x01") is None
+    assert _plain_name(b"\x00\x00\x01\x00\x01") is None  # the root
 
 
 RULES = RULES_PREAMBLE + """
