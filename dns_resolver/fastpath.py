@@ -270,6 +270,7 @@ class ExactReply:
     flags: bytes  # our flags, with the client's RD bit
     question: bytes  # the client's question as sent (0x20 case kept)
     counter: list[float]  # the cell of the query counter for the entry's labels
+    count_device: str | None  # the entry's, here to save a look-up per answer
     body: bytes = b""
     fresh_until: float = 0.0
     hits: int = 0
@@ -313,7 +314,7 @@ class ExactReplies:
             return None
         header = entry.header
         flags = bytes((header[0] & 0xFE | packet[2] & 0x01, header[1]))
-        exact = ExactReply(entry, flags, packet[12:query.question_end], counter)
+        exact = ExactReply(entry, flags, packet[12:query.question_end], counter, entry.count_device)
         if not self.refresh(exact, now):
             return None
         if self._count >= self._max:
