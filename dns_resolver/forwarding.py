@@ -50,10 +50,6 @@ class UpstreamAnswer(NamedTuple):
     offsets: tuple[int, ...]
     lifetime: float
 
-    @property
-    def rcode(self) -> int:
-        return self.wire[3] & 0x0F
-
 
 def age_ttls(wire: bytes, start: int, offsets: tuple[int, ...], elapsed: int, floor: int = 0) -> bytes:
     """`wire` with every TTL lowered by `elapsed` seconds (never under `floor`)."""
