@@ -189,13 +189,17 @@ class _SocketPool:
 class _Resolution:
     """One question sent to the healthy upstreams in turn until one gives a usable answer: its ID and question
     match, its code is not SERVFAIL or REFUSED, its records can be read, and a truncated answer is fetched again
-    over TCP. The answer is handed over read (`Records`): without OPT record, its TTLs found."""
+    over TCP. The answer is handed over read (`Records`): without OPT record, its TTLs found. A question gets two
+    tries at least: with a single upstream to ask, a query or answer lost on the way is sent again once (a second
+    timeout still ends within a client's usual 5 s)."""
 
-    __slots__ = ("attempt", "outcome", "pool", "query", "question", "remaining", "started", "tries", "upstream")
+    __slots__ = ("attempt", "outcome", "pool", "query", "question", "remaining", "spare_try", "started", "tries",
+                 "upstream")
 
     def __init__(self, pool: UpstreamPool, query: bytes, question: bytes, outcome: Outcome) -> None:
         self.pool, self.query, self.question, self.outcome = pool, query, question, outcome
         self.remaining = pool.order()
+        self.spare_try = len(self.remaining) < 2
         self.upstream: Upstream | None = None
         self.attempt: tuple[_SharedSocket, int] | None = None
         self.started = 0.0
@@ -256,9 +260,12 @@ class _Resolution:
         self.outcome(records)
 
     def _failed(self, exc: Exception) -> None:
-        """The socket reported an error."""
+        """No answer in time, or the socket reported an error."""
         self._stop_waiting()
         self._upstream_failed(exc)
+        if not self.remaining and self.spare_try and self.upstream is not None:
+            self.spare_try = False
+            self.remaining = [self.upstream]
         self.try_next()
 
     def timed_out(self) -> None:

@@ -50,6 +50,7 @@ class UpstreamServer:
         self.asked: list[str] = []
         self.packets: list[bytes] = []
         self.truncate = False
+        self.drop_next = 0  # queries to receive (and record) without answering, as if lost on the way
         self.tcp_asked: list[str] = []
         self.sock, self.listener = self._bind(tcp)
         self.port: int = self.sock.getsockname()[1]
@@ -117,6 +118,9 @@ class UpstreamServer:
             self.asked.append(str(question.qname).rstrip(".").lower())
             self.packets.append(data)
             if self.mode == "silent":
+                continue
+            if self.drop_next:
+                self.drop_next -= 1
                 continue
             if self.delay:
                 threading.Timer(self.delay, self._answer, (request, peer)).start()

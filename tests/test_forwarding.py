@@ -65,6 +65,28 @@ def test_an_answer_is_served_stale_while_every_upstream_is_down_then_no_more() -
         asyncio.run(scenario())
 
 
+def test_the_only_upstream_is_asked_once_more_when_its_answer_is_lost() -> None:
+    with UpstreamServer() as upstream:
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), max_bytes=1_000_000)
+
+        async def scenario() -> None:
+            try:
+                upstream.drop_next = 1
+                answer = await forwarder.answer(QUESTION)
+                assert str(DNSRecord.parse(answer.wire).rr[0].rdata) == "192.0.2.1"
+                assert upstream.asked == ["lumni.fr", "lumni.fr"]
+                upstream.mode = "silent"
+                started = time.monotonic()
+                with pytest.raises(UpstreamFailure):
+                    await forwarder.answer(question_bytes("never-seen.example", 1))
+                assert upstream.asked[2:] == ["never-seen.example", "never-seen.example"]  # two tries, no more
+                assert 0.5 < time.monotonic() - started < 1.5
+            finally:
+                forwarder.pool.close()
+
+        asyncio.run(scenario())
+
+
 def test_an_upstream_answering_servfail_is_passed_over() -> None:
     with UpstreamServer() as broken, UpstreamServer(address="192.0.2.9") as working:
         broken.mode = "servfail"
@@ -123,8 +145,8 @@ def test_client_subnet_and_cookies_stay_here_and_all_down_is_servfail(tmp_path: 
         assert len(options) == 1 and options[0].rdata == []  # our own OPT record, without any option
         assert str(forwarded.q.qname) == "lumni.fr."
         upstream.mode = "silent"
-        started = time.monotonic()
-        assert "status: SERVFAIL" in dig(vigie.dns_port, "never-seen.example")
+        started = time.monotonic()  # two tries of 1.5 s with a single upstream, then SERVFAIL: within dig's 5 s
+        assert "status: SERVFAIL" in dig(vigie.dns_port, "+time=5", "never-seen.example")
         assert time.monotonic() - started < 4
         assert "status: NOERROR" in dig(vigie.dns_port, "lumni.fr"), "what is cached still answers"
 
