@@ -233,7 +233,7 @@ def main() -> None:
                         port=port, threads=threads, dir=workdir, upstream=upstream_port))
                 else:
                     command = [*command, "--dns-listen", f"127.0.0.1:{port}", "--upstream",
-                               f"127.0.0.1:{upstream_port}", "--metrics-listen", "off"]
+                               f"127.0.0.1:{upstream_port}", "--metrics-listen", "off", "--api-listen", "off"]
                 with serving(command, port, workdir / "servers.log", REPO) as (process, startup[label]):
                     results[label] = {}
                     for kind, path in files.items():

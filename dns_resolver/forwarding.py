@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import NamedTuple
 
 from dns_resolver.fastpath import Records
@@ -43,12 +44,13 @@ class _Entry:
 
 class UpstreamAnswer(NamedTuple):
     """An upstream answer (without OPT record) with its TTLs aged to now; `lifetime` is how long it stays valid (0
-    when stale)."""
+    when stale); `fetched`: it has just come from an upstream, not from the cache."""
 
     wire: bytes
     question_end: int
     offsets: tuple[int, ...]
     lifetime: float
+    fetched: bool = False
 
 
 def age_ttls(wire: bytes, start: int, offsets: tuple[int, ...], elapsed: int, floor: int = 0) -> bytes:
@@ -112,8 +114,7 @@ class Forwarder:
             return
         self._flights[question] = [callback]
         try:
-            self.pool.resolve_later(_QUERY_HEADER + question + OUR_OPT, question,
-                                    lambda result: self._landed(question, result))
+            self.pool.resolve_later(_QUERY_HEADER + question + OUR_OPT, question, partial(self._landed, question))
         except Exception as exc:  # a bug: the waiters must not wait forever
             log.exception("internal error forwarding a question")
             self._landed(question, UpstreamFailure(repr(exc)))
@@ -150,7 +151,7 @@ class Forwarder:
         else:
             try:
                 entry = self._store(question, result)
-                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime)
+                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime, True)
             except Exception as exc:  # a bug: the waiters must not wait forever
                 log.exception("internal error reading an upstream answer")
                 answer = UpstreamFailure(repr(exc))

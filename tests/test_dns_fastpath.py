@@ -133,7 +133,7 @@ def ask_from(source: str, port: int, name: str) -> DNSRecord:
 def test_cached_answers_stay_per_group_and_age(tmp_path: Path) -> None:
     rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as vigie:
-        for _ in range(3):  # the first answers are made, the next come from the reply cache
+        for _ in range(3):  # the first answers are made, the next come from the caches
             assert ask_from("127.0.0.1", vigie.dns_port, "roblox.com").header.rcode == 3  # NXDOMAIN
             home = ask_from("127.0.0.3", vigie.dns_port, "roblox.com")
             assert home.header.rcode == 0 and str(home.rr[0].rdata) == "192.0.2.1"
@@ -162,6 +162,21 @@ def test_workers_share_the_port_reload_together_and_stop_together(tmp_path: Path
     assert subprocess.run(["ps", "-p", workers[0]], capture_output=True).returncode != 0, "the worker stopped too"
 
 
+def test_a_name_asked_once_takes_no_reply_cache_entry(tmp_path: Path) -> None:
+    """Most names are asked once: their answer is kept as the upstream gave it (one entry, not two), and made a
+    finished reply for the reply cache when the name is asked again."""
+    rules = write_tree(tmp_path, {"rules.yaml": RULES, "games.txt": "roblox.com\n"})
+    metrics = free_port()
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics) as vigie:
+        assert str(ask_from("127.0.0.1", vigie.dns_port, "once.example.fr").rr[0].rdata) == "192.0.2.1"
+        gauges = cache_gauges(metrics)
+        assert gauges[("vigie_dns_cache_bytes", "upstream")] > 0
+        assert gauges[("vigie_dns_cache_bytes", "replies")] == 0
+        assert str(ask_from("127.0.0.1", vigie.dns_port, "once.example.fr").rr[0].rdata) == "192.0.2.1"
+        assert cache_gauges(metrics)[("vigie_dns_cache_bytes", "replies")] > 0
+        assert upstream.asked == ["once.example.fr"]
+
+
 def two_free_ports() -> int:
     """A free port whose next one is free too: the metrics of a main process and its one extra worker."""
     while True:
@@ -185,7 +200,7 @@ def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path:
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \
             as vigie, contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(64)]
-        for number in range(3000):  # each name twice (the second time indexes its exact bytes), over 64 source ports
+        for number in range(3000):  # each name twice (the second time makes its reply cache entry), over 64 ports
             sock = sockets[number % 64]
             sock.settimeout(2)
             for _ in range(2):
@@ -280,7 +295,7 @@ def test_repeated_query_bytes_keep_their_id_rd_bit_and_case_and_age(tmp_path: Pa
             sock.sendto(query.pack(), ("127.0.0.1", vigie.dns_port))
             return DNSRecord.parse(sock.recv(4096))
 
-        for query_id in range(1, 13):  # made, then from the reply cache, then from the exact bytes
+        for query_id in range(1, 13):  # made, then from the upstream answer, the reply cache, the exact bytes
             query = DNSRecord.question("LuMnI.fR")
             query.header.id, query.header.rd = query_id, query_id % 2
             answer = ask(query)
