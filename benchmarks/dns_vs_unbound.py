@@ -1,6 +1,6 @@
 """Vigie's DNS resolver against unbound, same machine, same list, same queries, one run.
 
-    .venv/bin/python benchmarks/dns_vs_unbound.py [--seconds 10] [--steady-seconds 30]
+    .venv/bin/python benchmarks/dns_vs_unbound.py [--seconds 5] [--rounds 3] [--steady-seconds 30]
 
 Installs dnsperf and unbound with apt-get when missing. A loopback unbound answers every `*.example` name (the
 upstream of both). Under test: unbound with 1 and 2 threads, every UT1 domain of ../shared/data as an
@@ -8,6 +8,11 @@ upstream of both). Under test: unbound with 1 and 2 threads, every UT1 domain of
 query files: cached allowed names; blocked names (half with `www.`); mixed (80 % repeated allowed, 15 % blocked,
 5 % never seen). For each: qps, average latency and lost queries (dnsperf), peak RSS of all processes, and start-up
 time to the first answer (Vigie with its compiled lists already on disk). Then Vigie at a steady 20,000 qps.
+
+The four servers run side by side (idle but for the one measured) and take turns, file by file, for several
+rounds: this VM's speed drifts by tens of percent over minutes, so a ratio is taken between runs seconds apart
+(the median of the rounds), never between a server measured early and one measured minutes later. Every warm-up and
+round of the mixed file has never-seen names of its own.
 """
 
 from __future__ import annotations
@@ -127,7 +132,9 @@ def dnsperf(port: int, queries: Path, seconds: float, rate: int | None = None) -
                    int(number(r"Queries lost:\s+(\d+)")), int(number(r"Queries sent:\s+(\d+)")))
 
 
-def write_files(workdir: Path) -> tuple[list[str], dict[str, Path]]:
+def write_files(workdir: Path, rounds: int = 0) -> tuple[list[str], dict[str, Path]]:
+    """The query files: `cached`, `blocked`, `mixed`, and `mixed@1`… `mixed@{rounds}`, copies of `mixed` whose
+    never-seen names are their own (the same sequence otherwise)."""
     collection = read_ut1(ARCHIVE)
     blocked = sorted({name for parsed in collection.categories.values() for name in parsed.domains
                       if is_plain_name(name) and "_" not in name})
@@ -135,21 +142,26 @@ def write_files(workdir: Path) -> tuple[list[str], dict[str, Path]]:
     allowed = [f"site{i}.example" for i in range(1000)]
     sample = rng.sample(blocked, 1000)
     blocked_queries = [("www." + name if index % 2 else name) for index, name in enumerate(sample)]
-    mixed = []
+    mixed: list[str | None] = []  # None: a never-seen name, numbered by its line
     # Long enough that dnsperf does not loop back to the start: the 5 % never seen stay never seen.
-    for index in range(1_500_000):
+    for _ in range(1_500_000):
         roll = rng.random()
         if roll < 0.80:
             mixed.append(rng.choice(allowed))
         elif roll < 0.95:
             mixed.append(rng.choice(blocked_queries))
         else:
-            mixed.append(f"new{index}.example")
-    files = {"cached": allowed, "blocked": blocked_queries, "mixed": mixed}
+            mixed.append(None)
     paths = {}
-    for label, names in files.items():
+    for label, names in (("cached", allowed), ("blocked", blocked_queries)):
         paths[label] = workdir / f"{label}.txt"
         paths[label].write_text("".join(f"{name} A\n" for name in names))
+    for variant in range(rounds + 1):
+        label = f"mixed@{variant}" if variant else "mixed"
+        tag = f"r{variant}" if variant else ""
+        paths[label] = workdir / f"{label}.txt"
+        paths[label].write_text("".join(f"{name or f'new{index}{tag}.example'} A\n"
+                                        for index, name in enumerate(mixed)))
     return blocked, paths
 
 
@@ -194,79 +206,91 @@ profiles:
 """
 
 
+def median(values: list[float]) -> float:
+    ordered = sorted(values)
+    middle = len(ordered) // 2
+    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+
+
+KINDS = ("cached", "blocked", "mixed")
+PAIRS = (("Vigie 1 worker", "unbound 1 thread"), ("Vigie 2 workers", "unbound 2 threads"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument("--seconds", type=float, default=5, help="per run (default 5)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs per server and file (default 3)")
     parser.add_argument("--steady-seconds", type=float, default=30)
     arguments = parser.parse_args()
     ensure_tools()
-    results: dict[str, dict[str, Figures]] = {}
+    runs: dict[str, dict[str, list[Figures]]] = {}
     rss: dict[str, tuple[float, float]] = {}
     startup: dict[str, float] = {}
-    with tempfile.TemporaryDirectory(prefix="vigie-dns-bench-") as temp:
+    with tempfile.TemporaryDirectory(prefix="vigie-dns-bench-") as temp, contextlib.ExitStack() as running:
         workdir = Path(temp)
-        blocked, files = write_files(workdir)
+        blocked, files = write_files(workdir, arguments.rounds + 1)
         (workdir / "blocked.conf").write_text("".join(f'local-zone: "{name}." always_nxdomain\n' for name in blocked))
         upstream_port = free_port()
         (workdir / "upstream.conf").write_text(UPSTREAM_CONF.format(port=upstream_port, dir=workdir))
-        upstream, _ = start(["unbound", "-d", "-c", str(workdir / "upstream.conf")], upstream_port,
-                            workdir / "upstream.log", workdir)
+        running.enter_context(serving(["unbound", "-d", "-c", str(workdir / "upstream.conf")], upstream_port,
+                                      workdir / "upstream.log", workdir))
         categories = ", ".join(f"ut1/{name}" for name in sorted(read_ut1(ARCHIVE).categories))
         (workdir / "rules.yaml").write_text(RULES.format(archive=ARCHIVE, categories=categories))
         # Compile the lists once, as `vigie lists update` or a first start would; the measured starts reuse them.
         subprocess.run([sys.executable, "-m", "vigie", "check", str(workdir / "rules.yaml")], check=True,
                        capture_output=True, cwd=REPO)
-        servers = {
-            "unbound 1 thread": (["unbound", "-d", "-c", str(workdir / "unbound1.conf")], 1),
-            "unbound 2 threads": (["unbound", "-d", "-c", str(workdir / "unbound2.conf")], 2),
-            "Vigie 1 worker": ([sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"),
-                                "--workers", "1"], 1),
-            "Vigie 2 workers": ([sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"),
-                                 "--workers", "2"], 2),
-        }
-        steady: Figures | None = None
-        try:
-            for label, (command, threads) in servers.items():
-                port = free_port()
-                if label.startswith("unbound"):
-                    (workdir / f"unbound{threads}.conf").write_text(UNBOUND_CONF.format(
-                        port=port, threads=threads, dir=workdir, upstream=upstream_port))
-                else:
-                    command = [*command, "--dns-listen", f"127.0.0.1:{port}", "--upstream",
-                               f"127.0.0.1:{upstream_port}", "--metrics-listen", "off", "--api-listen", "off"]
-                with serving(command, port, workdir / "servers.log", REPO) as (process, startup[label]):
-                    results[label] = {}
-                    for kind, path in files.items():
-                        dnsperf(port, path, 2)  # warm-up: the cache holds what a running server would
-                        results[label][kind] = dnsperf(port, path, arguments.seconds)
-                    if label == "Vigie 2 workers":
-                        steady = dnsperf(port, files["mixed"], arguments.steady_seconds, rate=20_000)
-                    rss[label] = memory_mb(process)
-                print(f"  measured {label}", file=sys.stderr, flush=True)
-        finally:
-            upstream.terminate()
-            upstream.wait(15)
-    print(f"{len(blocked):,} UT1 domains; dnsperf {' '.join(DNSPERF)}; {arguments.seconds:g} s per file after a "
-          "2 s warm-up\n")
-    header = f"{'':20}" + "".join(f"{kind + ' qps':>13}{'ms':>7}{'lost':>6}" for kind in files) + \
-        f"{'peak RSS':>9}{'PSS MB':>8}{'start s':>9}"
-    print(header)
-    for label, figures in results.items():
-        cells = "".join(f"{f.qps:>13,.0f}{f.latency_ms:>7.2f}{f.lost:>6}" for f in figures.values())
+        vigie = [sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"), "--upstream",
+                 f"127.0.0.1:{upstream_port}", "--metrics-listen", "off", "--api-listen", "off"]
+        servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
+        for label, threads in (("unbound 1 thread", 1), ("unbound 2 threads", 2), ("Vigie 1 worker", 1),
+                               ("Vigie 2 workers", 2)):
+            port = free_port()
+            if label.startswith("unbound"):
+                config = workdir / f"unbound{threads}.conf"
+                config.write_text(UNBOUND_CONF.format(port=port, threads=threads, dir=workdir, upstream=upstream_port))
+                command = ["unbound", "-d", "-c", str(config)]
+            else:
+                command = [*vigie, "--workers", str(threads), "--dns-listen", f"127.0.0.1:{port}"]
+            process, startup[label] = running.enter_context(serving(command, port, workdir / "servers.log", REPO))
+            servers[label] = (process, port)
+            runs[label] = {kind: [] for kind in KINDS}
+        turns = [label for pair in PAIRS for label in pair]
+        for kind in KINDS:
+            for _, port in servers.values():
+                dnsperf(port, files[kind], 2)  # warm-up: the cache holds what a running server would
+            for number in range(1, arguments.rounds + 1):
+                queries = files[f"mixed@{number}"] if kind == "mixed" else files[kind]
+                for label in turns if number % 2 else reversed(turns):  # no server always first
+                    runs[label][kind].append(dnsperf(servers[label][1], queries, arguments.seconds))
+            print(f"  measured the {kind} file", file=sys.stderr, flush=True)
+        steady = dnsperf(servers["Vigie 2 workers"][1], files[f"mixed@{arguments.rounds + 1}"],
+                         arguments.steady_seconds, rate=20_000)
+        for label, (process, _) in servers.items():
+            rss[label] = memory_mb(process)
+    print(f"{len(blocked):,} UT1 domains; dnsperf {' '.join(DNSPERF)}; after a 2 s warm-up, {arguments.rounds} "
+          f"rounds of {arguments.seconds:g} s per server and file, the servers taking turns\n")
+    print("median of the rounds (lost: all rounds)")
+    print(f"{'':20}" + "".join(f"{kind + ' qps':>13}{'ms':>7}{'lost':>6}" for kind in KINDS) +
+          f"{'peak RSS':>9}{'PSS MB':>8}{'start s':>9}")
+    for label, by_kind in runs.items():
+        cells = "".join(f"{median([f.qps for f in figures]):>13,.0f}{median([f.latency_ms for f in figures]):>7.2f}"
+                        f"{sum(f.lost for f in figures):>6}" for figures in by_kind.values())
         print(f"{label:20}{cells}{rss[label][0]:>9.0f}{rss[label][1]:>8.0f}{startup[label]:>9.2f}")
     print()
-    for threads in (1, 2):
-        vigie = results[f"Vigie {threads} worker{'s' if threads > 1 else ''}"]
-        unbound = results[f"unbound {threads} thread{'s' if threads > 1 else ''}"]
-        ratios = "  ".join(f"{kind} {vigie[kind].qps / unbound[kind].qps:.2f}" for kind in files)
-        print(f"Vigie/unbound, {threads} core(s): {ratios}   (targets: mixed ≥ 0.8, cached and blocked ≥ 0.6)")
+    for threads, (vigie_label, unbound_label) in enumerate(PAIRS, start=1):
+        cells = []
+        for kind in KINDS:
+            ratios = [mine.qps / theirs.qps
+                      for mine, theirs in zip(runs[vigie_label][kind], runs[unbound_label][kind], strict=True)]
+            cells.append(f"{kind} {median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+        print(f"Vigie/unbound, {threads} core(s), median (range) of the rounds: {'  '.join(cells)}")
+    print("  targets: mixed ≥ 0.8, cached and blocked ≥ 0.6")
     vigie_memory, unbound_memory = rss["Vigie 2 workers"], rss["unbound 2 threads"]
     print(f"memory Vigie 2 workers / unbound 2 threads: peak RSS summed {vigie_memory[0] / unbound_memory[0]:.2f}, "
           f"PSS {vigie_memory[1] / unbound_memory[1]:.2f}   (target ≤ 0.5)")
-    if steady is not None:
-        print(f"Vigie 2 workers at a steady 20,000 qps for {arguments.steady_seconds:g} s (mixed): "
-              f"{steady.sent:,} sent, {steady.lost} lost, average latency {steady.latency_ms:.3f} ms   "
-              "(target: none lost, ≤ 1 ms)")
+    print(f"Vigie 2 workers at a steady 20,000 qps for {arguments.steady_seconds:g} s (mixed): "
+          f"{steady.sent:,} sent, {steady.lost} lost, average latency {steady.latency_ms:.3f} ms   "
+          "(target: none lost, ≤ 1 ms)")
 
 
 if __name__ == "__main__":
