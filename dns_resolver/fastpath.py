@@ -17,7 +17,7 @@ import struct
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import NamedTuple, Protocol, TypeVar
 
 OPT_TYPE = 41
 ENTRY_COST = 590  # bytes an entry takes besides the reply itself (a process's RSS growth per entry)
@@ -133,6 +133,27 @@ def read_records(wire: bytes, question_end: int) -> Records | None:
     return Records(wire, question_end, tuple(offsets), smallest)
 
 
+class _Usable(Protocol):
+    recently_used: bool  # set by a hit, cleared when the entry is passed over once by an eviction
+
+
+Key = TypeVar("Key")
+Entry = TypeVar("Entry", bound=_Usable)
+
+
+def evict_one(entries: OrderedDict[Key, Entry]) -> Entry:
+    """Remove and return the oldest entry not used since it last came up ("second chance"): up to SECOND_CHANCES
+    used ones go back to the end, their flag cleared, before the oldest goes anyway. A stream of names asked once
+    then goes through a cache without pushing out the names in use, and a hit costs a flag, not a reordering."""
+    for _ in range(SECOND_CHANCES):
+        key, entry = entries.popitem(last=False)
+        if not entry.recently_used:
+            return entry
+        entry.recently_used = False
+        entries[key] = entry
+    return entries.popitem(last=False)[1]
+
+
 @dataclass(slots=True)
 class CachedReply:
     header: bytes  # reply bytes 2..12: flags and counts
@@ -227,16 +248,7 @@ class ReplyCache:
         return entry
 
     def _evict_one(self) -> None:
-        entries = self._entries
-        for _ in range(SECOND_CHANCES):
-            oldest, entry = entries.popitem(last=False)
-            if not entry.recently_used:
-                self._bytes -= ENTRY_COST + entry.size
-                return
-            entry.recently_used = False
-            entries[oldest] = entry
-        _, entry = entries.popitem(last=False)
-        self._bytes -= ENTRY_COST + entry.size
+        self._bytes -= ENTRY_COST + evict_one(self._entries).size
 
     def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply, bool] | None:
         """The cached reply for this query (ID, RD bit and question case from `packet`), its entry, and whether

@@ -1,5 +1,6 @@
-"""Upstream answers by question, as bytes: a cache that honours TTLs (clamped) and negative answers, one upstream
-query for many identical questions in flight, and serve-stale (RFC 8767) when no upstream answers.
+"""Upstream answers by question, as bytes: a cache that honours TTLs (clamped) and negative answers (evicting with a
+second chance, like the reply cache), one upstream query for many identical questions in flight, and serve-stale
+(RFC 8767) when no upstream answers.
 
 Questions go upstream lower-cased with Vigie's own EDNS record and nothing else: a client's EDNS client-subnet,
 cookies or padding never leave the server (privacy), and the answer does not depend on who asked first. Answers are
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from dns_resolver.fastpath import Records
+from dns_resolver.fastpath import Records, evict_one
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.metrics import DNS_ERRORS, DNS_STALE_ANSWERS
 
@@ -40,6 +41,7 @@ class _Entry:
     question_end: int
     stored_at: float
     lifetime: float
+    recently_used: bool = False  # answered from the cache (fresh or stale) since an eviction last passed it over
 
 
 class UpstreamAnswer(NamedTuple):
@@ -97,7 +99,10 @@ class Forwarder:
         if entry is None:
             return None
         now = time.monotonic()
-        return self._aged(entry, now) if now < entry.stored_at + entry.lifetime else None
+        if now >= entry.stored_at + entry.lifetime:
+            return None
+        entry.recently_used = True
+        return self._aged(entry, now)
 
     def when_answered(self, question: bytes, callback: AnswerCallback, *, refresh: bool = False) -> None:
         """Call `callback` with the answer to `question` (lower-cased name, type, class), now when it is cached
@@ -176,8 +181,9 @@ class Forwarder:
                 self._cache[question] = entry
                 self._bytes += ENTRY_COST + len(wire)
                 while len(self._cache) > self._max or self._bytes > self._max_bytes:
-                    _, dropped = self._cache.popitem(last=False)
-                    self._bytes -= ENTRY_COST + len(dropped.wire)
+                    # Second chance: a stream of names asked once must not push out the answers in use, which
+                    # serve-stale needs most when every upstream is down.
+                    self._bytes -= ENTRY_COST + len(evict_one(self._cache).wire)
         return entry
 
     def _stale_or_failure(self, question: bytes, failure: UpstreamFailure) -> UpstreamAnswer | UpstreamFailure:
@@ -186,6 +192,7 @@ class Forwarder:
         if entry is None or now > entry.stored_at + entry.lifetime + self.stale_seconds:
             return failure
         DNS_STALE_ANSWERS.inc()
+        entry.recently_used = True
         wire = age_ttls(entry.wire, entry.question_end, entry.offsets, 10**9, floor=STALE_TTL)
         return UpstreamAnswer(wire, entry.question_end, entry.offsets, 0.0)
 

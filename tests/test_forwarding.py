@@ -119,6 +119,26 @@ def test_the_answer_cache_holds_to_its_memory_budget() -> None:
     assert len(upstream.asked) == 40 and 7 <= len(forwarder) <= 10
 
 
+def test_a_stream_of_names_asked_once_does_not_push_out_an_answer_in_use() -> None:
+    """The answer cache is what serve-stale falls back on: the names in use must stay in it while thousands of names
+    asked once go through."""
+    with UpstreamServer() as upstream:
+        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=1_000_000, max_entries=3)
+
+        async def ask_many() -> None:
+            try:
+                await forwarder.answer(QUESTION)
+                for number in range(12):
+                    await forwarder.answer(question_bytes(f"once{number}.example.fr", 1))
+                    if number % 2:
+                        await forwarder.answer(QUESTION)  # in use: asked again every other new name
+            finally:
+                forwarder.pool.close()
+
+        asyncio.run(ask_many())
+    assert upstream.asked.count("lumni.fr") == 1 and len(upstream.asked) == 13
+
+
 def test_a_truncated_upstream_answer_is_fetched_whole_over_tcp() -> None:
     with UpstreamServer(tcp=True) as upstream:
         upstream.truncate, upstream.records = True, 60
