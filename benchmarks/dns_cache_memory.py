@@ -1,6 +1,6 @@
 """Does `dns.cache_size` hold? One run: Vigie's DNS resolver (one worker, no lists) with several cache sizes, each
-filled with never-seen names each asked twice (the second time indexes its exact bytes), then its RSS growth and
-its cache gauges against the size it was given.
+filled with never-seen names each asked three times (the first fetches the answer, the second makes its reply cache
+entry, the third indexes its exact bytes), then its RSS growth and its cache gauges against the size it was given.
 
     .venv/bin/python benchmarks/dns_cache_memory.py [--names 150000]
 
@@ -68,11 +68,12 @@ def main() -> None:
                 port, metrics = free_port(), free_port()
                 command = [sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"),
                            "--workers", "1", "--dns-listen", f"127.0.0.1:{port}", "--upstream",
-                           f"127.0.0.1:{upstream_port}", "--metrics-listen", f"127.0.0.1:{metrics}"]
+                           f"127.0.0.1:{upstream_port}", "--metrics-listen", f"127.0.0.1:{metrics}",
+                           "--api-listen", "off"]
                 with serving(command, port, workdir / "vigie.log", REPO) as (process, _):
                     before = rss_mb(process.pid)
-                    # Twice through the file, at a rate the upstream keeps up with: every name cached, then hit.
-                    subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names), "-n", "2",
+                    # Three times through the file, at a rate the upstream keeps up with: every cache filled.
+                    subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names), "-n", "3",
                                     "-Q", "20000", "-c", "8"], capture_output=True, check=True, timeout=600)
                     after = rss_mb(process.pid)
                     figures = gauges(metrics)
@@ -83,7 +84,7 @@ def main() -> None:
         finally:
             upstream.terminate()
             upstream.wait(15)
-    print(f"{arguments.names:,} never-seen names, each asked twice; one worker\n")
+    print(f"{arguments.names:,} never-seen names, each asked three times; one worker\n")
     print(f"{'cache_size':>10}{'RSS start MB':>14}{'RSS filled MB':>15}{'growth MB':>11}{'counted MB':>12}"
           f"{'limit MB':>10}{'growth/size':>13}")
     for size, before, after, used, limit in rows:

@@ -625,8 +625,8 @@ class _UdpListener:
             return
         answer = answered.wire
         if query is not None and answered.lifetime and answered.view is not None:
-            # Into the reply cache only: the exact bytes are indexed when it answers, so that the names asked
-            # a few times cost one entry, not two.
+            # Into the reply cache only: the exact bytes are indexed at the entry's first hit, so that a name
+            # asked twice costs one entry there, not two.
             self.front.replies.store(answered.view, query, answer, answered.lifetime, answered.labels,
                                      from_upstream=answered.from_upstream, count_device=answered.count_device,
                                      offsets=answered.ttl_offsets)
