@@ -1,6 +1,7 @@
 """Does `dns.cache_size` hold? One run: Vigie's DNS resolver (one worker, no lists) with several cache sizes, each
-filled with never-seen names each asked three times (the first fetches the answer, the second makes its reply cache
-entry, the third indexes its exact bytes), then its RSS growth and its cache gauges against the size it was given.
+filled with never-seen names each asked three times, a thousand names apart (the first fetches the answer, the second
+makes its reply cache entry, the third indexes its exact bytes), then its RSS growth and its cache gauges against the
+size it was given.
 
     .venv/bin/python benchmarks/dns_cache_memory.py [--names 150000]
 
@@ -57,7 +58,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="vigie-cache-bench-") as temp:
         workdir = Path(temp)
         names = workdir / "names.txt"
-        names.write_text("".join(f"new{index}.example A\n" for index in range(arguments.names)))
+        # Blocks of 1,000 names, each block three times: a name comes back while its upstream answer is cached,
+        # and never while its first query is still in flight.
+        names.write_text("".join(f"new{index}.example A\n" for start in range(0, arguments.names, 1000)
+                                 for _ in range(3) for index in range(start, min(start + 1000, arguments.names))))
         upstream_port = free_port()
         (workdir / "upstream.conf").write_text(UPSTREAM_CONF.format(port=upstream_port, dir=workdir))
         upstream, _ = start(["unbound", "-d", "-c", str(workdir / "upstream.conf")], upstream_port,
@@ -72,8 +76,8 @@ def main() -> None:
                            "--api-listen", "off"]
                 with serving(command, port, workdir / "vigie.log", REPO) as (process, _):
                     before = rss_mb(process.pid)
-                    # Three times through the file, at a rate the upstream keeps up with: every cache filled.
-                    subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names), "-n", "3",
+                    # Once through the file, at a rate the upstream keeps up with: every cache filled.
+                    subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", str(names), "-n", "1",
                                     "-Q", "20000", "-c", "8"], capture_output=True, check=True, timeout=600)
                     after = rss_mb(process.pid)
                     figures = gauges(metrics)

@@ -25,9 +25,10 @@ class CacheBudget:
 
     @classmethod
     def share(cls, total_bytes: int, workers: int) -> CacheBudget:
-        """One of `workers` workers' share of `total_bytes`: half for finished replies (the hot path), a fifth for
-        upstream answers (shared by every group, and what serve-stale falls back on), the rest for verdicts and the
-        exact-bytes index."""
+        """One of `workers` workers' share of `total_bytes`: 35 % for upstream answers (every forwarded name starts
+        there, shared by every group, and serve-stale falls back on them), 35 % for finished replies (the names asked
+        again: the hot path), the rest for verdicts and the exact-bytes index. A name asked again after the upstream
+        answers have turned over is fetched again, so they get as much room as the replies."""
         share = max(MIN_WORKER_SHARE, total_bytes // max(1, workers))
-        return cls(replies_bytes=share * 50 // 100, upstream_bytes=share * 20 // 100,
+        return cls(replies_bytes=share * 35 // 100, upstream_bytes=share * 35 // 100,
                    decisions=share * 15 // 100 // DECISION_COST, exact_replies=share * 15 // 100 // EXACT_COST)
