@@ -52,6 +52,8 @@ categories:
   malware: [ut1/malware, ut1/phishing]
   bypass: [vigie/dns-bypass, ut1/doh, ut1/vpn, ut1/redirector]
 always_block: [bypass, malware]
+server:
+  proxy: {{internal_hosts: [127.0.0.1]}}  # the origin (nginx) is on loopback
 groups:
   bench: {{networks: [127.0.0.0/8], profile: class}}
 profiles:

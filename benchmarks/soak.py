@@ -32,7 +32,9 @@ from tests.proxy_servers import make_origin_certificates  # noqa: E402
 
 # The benchmark's rules (every UT1 category blocked, so the query file's blocked names are) with the production
 # worker count. The per-client rate limit is off: dnsperf is one address sending what thousands of tablets would.
-RULES = dns_bench.RULES.replace("{{rate_limit: off}}", "{{rate_limit: off, workers: auto}}")
+# The origin (nginx) is on loopback, which the proxy reaches only as a listed internal host.
+RULES = dns_bench.RULES.replace("{{rate_limit: off}}", "{{rate_limit: off, workers: auto}}\n"
+                                "  proxy: {{internal_hosts: [127.0.0.1]}}")
 PROCESS_PORTS = 4  # the main process's metrics port and the next ones, one per extra DNS worker
 
 

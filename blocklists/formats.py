@@ -11,7 +11,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from blocklists.errors import ListError, NameRejected
-from blocklists.names import ip_literal, is_plain_name, normalize_domain, normalize_path
+from blocklists.names import is_plain_name, normalize_domain, normalize_path, standard_ip_literal
 
 MAX_BAD_LINES = 1000
 _HOSTS_IGNORED = frozenset({"localhost", "localhost.localdomain", "local", "broadcasthost", "ip6-localhost",
@@ -64,7 +64,7 @@ class ParsedList:
                             "the list is refused and the last good copy keeps serving")
 
     def add_domain_or_address(self, line: int, raw: str) -> None:
-        address = ip_literal(raw)
+        address = standard_ip_literal(raw)
         if address is not None:
             self.addresses.append(address)
             return
@@ -100,7 +100,7 @@ def parse_hosts(source: str, lines: Iterable[str]) -> ParsedList:
     parsed = ParsedList(source)
     for number, text in _content_lines(lines):
         fields = text.split("#", 1)[0].split()
-        if len(fields) < 2 or ip_literal(fields[0]) is None:
+        if len(fields) < 2 or standard_ip_literal(fields[0]) is None:
             parsed.report(number, f"{text!r} is not a hosts line (example: 0.0.0.0 ads.example.com)")
             continue
         for name in fields[1:]:
@@ -146,7 +146,7 @@ def parse_url_line(text: str) -> UrlEntry:
             break
     host, _, path = text.partition("/")
     host = host.rsplit("@", 1)[-1].split(":", 1)[0]
-    address = ip_literal(host)
+    address = standard_ip_literal(host)
     return UrlEntry(address if address is not None else normalize_domain(host), normalize_path("/" + path))
 
 

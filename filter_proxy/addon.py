@@ -1,4 +1,11 @@
-"""The mitmproxy addon: asks the shared engine at CONNECT, at the TLS ClientHello and per request, and acts.
+"""The mitmproxy addon: asks the shared engine at CONNECT, at the TLS ClientHello and per request, and checks the
+address at the moment of connecting.
+
+Every name a flow carries is decided: the CONNECT target, the TLS name (SNI), the request line and the Host header
+must all be the same host, or the request is refused (421). The connection to the server is then opened only to an
+address this addon resolved and judged (`server_connect`): not the server itself, not the school network (unless
+listed in `server.proxy.internal_hosts`), not a listed resolver's address — whatever name led there. Any exception
+in a hook blocks the flow (fail closed).
 
 Most HTTPS is passed through undecrypted (`ignore_connection`): every allowed host that has no URL rule, no
 safe-search rewrite and no portal redirect — so certificate-pinned apps keep working and the proxy stays cheap.
@@ -8,32 +15,44 @@ hosts (to show the block page rather than a TLS error).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from mitmproxy import connection, http, tls
+from mitmproxy.proxy.server_hooks import ServerConnectionHookData
 
 from blocklists.errors import NameRejected
-from blocklists.names import ip_literal, normalize_domain, normalize_path, parent_domains
+from blocklists.names import normalize_host as _normalize_host
+from blocklists.names import normalize_path, parent_domains, parse_ip
 from filter_proxy.block_page import BlockPageFacts, CategoryText, preferred_language, render
 from filter_proxy.pac import is_pac_request, pac_response
 from filter_proxy.rewrite import enforce_safe_search, portal_redirect
 from policy.clients import Client
 from policy.decision import Action, Decision, Query, Reason
+from policy.destination import decide_destination, port_allowed
 from policy.engine import decide
-from policy.metrics import BLOCK_PAGES, PAC_SERVED, PROXY_REQUESTS, PROXY_TLS
+from policy.metrics import (
+    BLOCK_PAGES,
+    PAC_SERVED,
+    PROXY_DESTINATIONS_REFUSED,
+    PROXY_ERRORS,
+    PROXY_REQUESTS,
+    PROXY_TLS,
+)
+from policy.model import IPAddress
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
 log = logging.getLogger(__name__)
 
 REALM = "Vigie"
-_TLS_PORTS = (443, 8443)
 
 
 @dataclass(frozen=True)
@@ -47,15 +66,20 @@ class KnownConnection:
     connect_host: str | None
 
 
+@dataclass(frozen=True)
+class Pinned:
+    """A server connection opened to `address`, the judged resolution of `name`."""
+
+    name: str
+    address: str
+
+
 @functools.lru_cache(maxsize=16384)
 def normalize_host(raw: str) -> str | None:
-    """A request's host as the engine wants it (IP literals in canonical form); None when it is not a host.
-    Memoised: the same few thousand hosts come back all day."""
-    literal = ip_literal(raw)
-    if literal is not None:
-        return literal
+    """A request's host as the engine wants it (addresses in canonical form, whatever their spelling); None when
+    it is not a host. Memoised: the same few thousand hosts come back all day."""
     try:
-        return normalize_domain(raw)
+        return _normalize_host(raw)
     except NameRejected:
         return None
 
@@ -63,17 +87,67 @@ def normalize_host(raw: str) -> str | None:
 class VigieAddon:
     def __init__(self, snapshot: Callable[[], Snapshot], state: Callable[[], StateView], *,
                  count_minute: Callable[[str], None] = lambda device: None, block_page_for_https: bool = True,
+                 own_addresses: Collection[IPAddress] = frozenset(),
                  now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self._snapshot = snapshot
         self._state = state
         self._count_minute = count_minute  # the device's current minute counts as screen time
         self._now = now
         self.block_page_for_https = block_page_for_https
+        self._own_addresses = frozenset(own_addresses)
         self._connections: dict[str, KnownConnection] = {}
+        self._pinned: dict[str, Pinned] = {}  # by server connection id
 
-    # -- hooks ---------------------------------------------------------------------------------------------------
+    # -- hooks: each one fails closed ------------------------------------------------------------------------------
 
     def http_connect(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._http_connect(flow)
+        except Exception as exc:
+            _failed("http_connect", exc)
+            flow.response = http.Response.make(403, b"blocked by Vigie: the filter could not decide\n")
+
+    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+        try:
+            self._tls_clienthello(data)
+        except Exception as exc:
+            _failed("tls_clienthello", exc)
+            data.ignore_connection = False  # intercepted: every request is decided (and blocked) on its own
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        try:
+            self._requestheaders(flow)
+        except Exception as exc:
+            _failed("requestheaders", exc)
+            flow.response = _engine_error_page()
+
+    async def server_connect(self, data: ServerConnectionHookData) -> None:
+        try:
+            await self._server_connect(data)
+        except Exception as exc:
+            _failed("server_connect", exc)
+            data.server.error = "blocked by Vigie: the filter could not check the destination"
+
+    def server_connected(self, data: ServerConnectionHookData) -> None:
+        pinned = self._pinned.get(data.server.id)
+        if pinned is not None and data.server.address is not None:
+            # The socket is connected to the judged address; the name comes back so that mitmproxy finds this
+            # connection again for the next request naming it (it matches connections by address). Its guard
+            # against changing an open connection's address is for addons that would move a live connection.
+            object.__setattr__(data.server, "address", (pinned.name, data.server.address[1]))
+
+    def server_disconnected(self, data: ServerConnectionHookData) -> None:
+        self._pinned.pop(data.server.id, None)
+
+    def server_connect_error(self, data: ServerConnectionHookData) -> None:
+        self._pinned.pop(data.server.id, None)
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._connections.pop(client.id, None)
+
+    # -- what each hook does -------------------------------------------------------------------------------------
+
+    def _http_connect(self, flow: http.HTTPFlow) -> None:
         snapshot = self._snapshot()
         host = normalize_host(flow.request.host)
         client = self._client_of(flow, snapshot, connect_host=host)
@@ -82,24 +156,31 @@ class VigieAddon:
         if host is None:
             flow.response = http.Response.make(400, b"not a host name\n")
             return
+        reach = snapshot.rules.server.proxy_reach
+        if not port_allowed(flow.request.port, reach.connect_ports, reach):
+            flow.response = self._refused_port(flow, snapshot, client, host, "connect_ports")
+            return
         decision = self._decide(client, host, snapshot)
-        if decision.action is Action.BLOCK and (not self.block_page_for_https or
-                                                 flow.request.port not in (*_TLS_PORTS, 80)):
-            # No page can be shown (the option is off, or the port carries no web traffic): refuse the tunnel.
+        if decision.action is Action.BLOCK and not self.block_page_for_https:
+            # No page can be shown: refuse the tunnel.
             PROXY_REQUESTS.labels(*decision.labels).inc()
             flow.response = http.Response.make(403, f"blocked by Vigie: {decision.explanation}\n".encode())
 
-    def tls_clienthello(self, data: tls.ClientHelloData) -> None:
+    def _tls_clienthello(self, data: tls.ClientHelloData) -> None:
         snapshot = self._snapshot()
         known = self._connections.get(data.context.client.id)
         client, _ = self._identify(snapshot, data.context.client.peername[0], known.credentials if known else None)
         connect_host = known.connect_host if known else None
-        sni = normalize_host(data.client_hello.sni) if data.client_hello.sni else None
+        raw_sni = data.client_hello.sni
+        sni = normalize_host(raw_sni) if raw_sni else None
         host = sni or connect_host
         if host is None and data.context.server.address:
-            host = ip_literal(str(data.context.server.address[0]))
-        if client is None or host is None or (connect_host and sni and sni != connect_host):
-            PROXY_TLS.labels("intercept").inc()  # the request hook refuses it with an explanation
+            host = normalize_host(str(data.context.server.address[0]))
+        if client is None or host is None or (raw_sni and sni is None) or (connect_host and sni and
+                                                                         sni != connect_host):
+            # Unknown client, a TLS name that is no host name, or one that differs from the CONNECT target:
+            # intercepted, and the request hook refuses it with an explanation.
+            PROXY_TLS.labels("intercept").inc()
             return
         decision = self._decide(client, host, snapshot)
         if decision.action is Action.ALLOW and not self._needs_inspection(host, decision, snapshot):
@@ -108,7 +189,7 @@ class VigieAddon:
         else:
             PROXY_TLS.labels("intercept").inc()
 
-    def requestheaders(self, flow: http.HTTPFlow) -> None:
+    def _requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response is not None:
             return
         if is_pac_request(flow):
@@ -124,17 +205,12 @@ class VigieAddon:
         if host is None:
             flow.response = http.Response.make(400, b"not a host name\n")
             return
-        sni = flow.client_conn.sni
         at = self._now()
-        opened_for = sni if flow.request.scheme == "https" and sni else self._destination(flow)
-        if opened_for is not None and normalize_host(opened_for) != host:
-            # Domain fronting: a harmless name in the TLS handshake (or the request line, or the CONNECT), another
-            # in the Host header; the server reached would be the one, the page asked for the other. 421 also
-            # makes a browser that merely reused a connection retry on a new one.
-            decision = Decision(Action.BLOCK, Reason.BYPASS,
-                                f"request for {host} on a connection opened for {opened_for}",
-                                group=client.group, device=client.device, rule="domain-fronting")
-            self._block(flow, host, decision, snapshot, at, status=421)
+        reach = snapshot.rules.server.proxy_reach
+        if flow.request.scheme == "http" and not _transparent(flow) and \
+                not port_allowed(flow.request.port, reach.http_ports, reach):
+            decision = self._port_decision(snapshot, client, host, flow.request.port, "http_ports")
+            self._block(flow, host, decision, snapshot, at)
             return
         # URL rules see the path as a server reads it: `/%61dult`, `//adult` and `/x/../adult` are `/adult`.
         path = normalize_path(flow.request.path)
@@ -143,19 +219,107 @@ class VigieAddon:
         PROXY_REQUESTS.labels(*decision.labels).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
             self._block(flow, host, decision, snapshot, at)
-        elif decision.profile is not None:
+            return
+        for opened_for in self._names_of_connection(flow):
+            other = normalize_host(opened_for)
+            if other == host:
+                continue
+            # Domain fronting: a harmless name in the TLS handshake, the CONNECT or the request line, another in
+            # the Host header; the server reached would be the one, the page asked for the other. The other name
+            # blocked shows its block page; both allowed still ends here, with 421, which also makes a browser
+            # that merely reused a connection retry on a new one.
+            if other is not None:
+                other_decision = self._decide(client, other, snapshot)
+                if other_decision.action in (Action.BLOCK, Action.REFUSE):
+                    self._block(flow, other, other_decision, snapshot, at)
+                    return
+            decision = Decision(Action.BLOCK, Reason.BYPASS,
+                                f"request for {host} on a connection opened for {opened_for}",
+                                group=client.group, device=client.device, rule="domain-fronting")
+            self._block(flow, host, decision, snapshot, at, status=421)
+            return
+        if decision.profile is not None:
             self._rewrite(flow, host, decision, snapshot)
 
+    async def _server_connect(self, data: ServerConnectionHookData) -> None:
+        """Resolve the server's name once, judge every address it has, and connect to a judged one only."""
+        if data.server.address is None or data.server.error:
+            return
+        name, port = data.server.address
+        snapshot = self._snapshot()
+        known = self._connections.get(data.client.id)
+        client, _ = self._identify(snapshot, data.client.peername[0], known.credentials if known else None)
+        if client is None:
+            self._refuse_destination(data, "unknown_client", "this device is not allowed to use the Vigie proxy")
+            return
+        literal = parse_ip(name)
+        if literal is not None:
+            addresses: list[IPAddress] = [literal]
+        else:
+            try:
+                # AI_ADDRCONFIG: no IPv6 address when this host has no IPv6 route (the connection tries one only).
+                found = await asyncio.get_running_loop().getaddrinfo(
+                    name, port, type=socket.SOCK_STREAM, flags=socket.AI_ADDRCONFIG)
+            except OSError as exc:
+                self._refuse_destination(data, "unresolved", f"{name} does not resolve ({exc.strerror or exc})")
+                return
+            addresses = [a for a in (parse_ip(str(info[4][0])) for info in found) if a is not None]
+            if not addresses:
+                self._refuse_destination(data, "unresolved", f"{name} has no address")
+                return
+        at = self._now()
+        for address in addresses:  # every address: a name with one good and one internal address is refused
+            refused = decide_destination(client, address, port, at, snapshot, self._own_addresses)
+            if refused is not None:
+                PROXY_REQUESTS.labels(*refused.labels).inc()
+                why = "deny_networks" if refused.rule == "server.proxy.deny_networks" else "address_list"
+                self._refuse_destination(data, why, f"{name}: {refused.explanation}")
+                return
+        if literal is None:
+            self._pinned[data.server.id] = Pinned(name, str(addresses[0]))
+            data.server.address = (str(addresses[0]), port)
+
+    def _names_of_connection(self, flow: http.HTTPFlow) -> list[str]:
+        """The names a request's connection was opened for, beside its Host header: the TLS name (SNI), and the
+        request line's or CONNECT's host (not in transparent mode, where that is an address). Each must be the
+        Host header's host."""
+        names = []
+        sni = flow.client_conn.sni
+        if flow.request.scheme == "https" and sni:
+            names.append(sni)
+        destination = self._destination(flow)
+        if destination is not None:
+            names.append(destination)
+        return names
+
     @staticmethod
-    def _destination(flow: http.HTTPFlow) -> str | None:
+    def _refuse_destination(data: ServerConnectionHookData, why: str, explanation: str) -> None:
+        PROXY_DESTINATIONS_REFUSED.labels(why).inc()
+        data.server.error = f"blocked by Vigie: {explanation}"
+
+    @staticmethod
+    def _port_decision(snapshot: Snapshot, client: Client, host: str, port: int, setting: str) -> Decision:
+        reach = snapshot.rules.server.proxy_reach
+        ports = ", ".join(str(r) for r in getattr(reach, setting))
+        explanation = f"port {port} of {host} is not in server.proxy.{setting} ({ports})"
+        return Decision(Action.BLOCK, Reason.DESTINATION, explanation, group=client.group, device=client.device,
+                        rule=f"server.proxy.{setting}", trail=(explanation,))
+
+    def _refused_port(self, flow: http.HTTPFlow, snapshot: Snapshot, client: Client, host: str,
+                      setting: str) -> http.Response:
+        decision = self._port_decision(snapshot, client, host, flow.request.port, setting)
+        PROXY_REQUESTS.labels(*decision.labels).inc()
+        return http.Response.make(403, f"blocked by Vigie: {decision.explanation}\n".encode())
+
+    def _destination(self, flow: http.HTTPFlow) -> str | None:
         """The host the proxy will connect to, when the client named it (absolute-form request line, CONNECT);
         None in transparent mode, where the destination is an address and the Host header the only name."""
-        if flow.client_conn.proxy_mode.type_name == "transparent" or flow.request.host_header is None:
+        if _transparent(flow) or flow.request.host_header is None:
             return None
+        pinned = self._pinned.get(flow.server_conn.id)
+        if pinned is not None and flow.request.host == pinned.address:
+            return pinned.name  # a request read while its tunnel's connection was being opened to the address
         return flow.request.host
-
-    def client_disconnected(self, client: connection.Client) -> None:
-        self._connections.pop(client.id, None)
 
     # -- steps ---------------------------------------------------------------------------------------------------
 
@@ -240,6 +404,22 @@ class VigieAddon:
         flow.response = http.Response.make(status, render(facts, language), {
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language})
         BLOCK_PAGES.labels(decision.reason.value).inc()
+
+
+def _transparent(flow: http.HTTPFlow) -> bool:
+    return flow.client_conn.proxy_mode.type_name == "transparent"
+
+
+def _failed(hook: str, exc: Exception) -> None:
+    PROXY_ERRORS.labels(hook).inc()
+    log.error("proxy %s failed, the flow is blocked: %s: %s", hook, type(exc).__name__, exc)
+
+
+def _engine_error_page() -> http.Response:
+    return http.Response.make(403, "<!DOCTYPE html><html lang=\"fr\"><meta charset=\"utf-8\"><title>Site bloqué"
+                              "</title><p>Le filtre n'a pas pu vérifier ce site : il reste bloqué par prudence.</p>"
+                              "<p>The filter could not check this site, so it stays blocked.</p></html>".encode(),
+                              {"Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store"})
 
 
 def _host_without_port(authority: str) -> str:

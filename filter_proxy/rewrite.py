@@ -11,6 +11,7 @@ from urllib.parse import quote
 from mitmproxy import http
 
 from blocklists.bundled_data import SafeSearchLevel
+from blocklists.names import normalize_path
 
 # provider → (query parameter, value when strict, value when moderate)
 _PARAMETERS = {
@@ -19,8 +20,13 @@ _PARAMETERS = {
     "duckduckgo": ("kp", "1", "-1"),
 }
 _YOUTUBE_HEADER = "YouTube-Restrict"
-# Where each provider's result pages live: only those are redirected to a search portal (not images or maps).
-_SEARCH_PATHS = {"google": ("/search",), "bing": ("/search",), "duckduckgo": ("/", "/html", "/lite")}
+# Where each provider's result pages live, as `normalize_path` writes them without a trailing slash: only those are
+# redirected to a search portal (not maps or mail). The home page counts when it carries a query (`/?q=`).
+_SEARCH_PATHS = {
+    "google": frozenset({"/search", "/webhp", "/images", "/imghp", "/videohp"}),
+    "bing": frozenset({"/search", "/images/search", "/videos/search", "/news/search"}),
+    "duckduckgo": frozenset({"/html", "/lite", "/d.js"}),
+}
 
 
 def enforce_safe_search(request: http.Request, provider: str, level: SafeSearchLevel) -> None:
@@ -36,8 +42,15 @@ def enforce_safe_search(request: http.Request, provider: str, level: SafeSearchL
 
 def portal_redirect(request: http.Request, provider: str, portal: str) -> http.Response | None:
     """A 302 from a provider's result page to the portal, keeping the search words; None for other pages."""
-    if provider not in _SEARCH_PATHS or request.path.split("?", 1)[0] not in _SEARCH_PATHS[provider]:
+    if provider not in _SEARCH_PATHS or not _is_search(request, _SEARCH_PATHS[provider]):
         return None
     words = request.query.get("q", "")
     location = f"https://{portal}/" + (f"?q={quote(words)}" if words else "")
     return http.Response.make(302, b"", {"Location": location, "Cache-Control": "no-store"})
+
+
+def _is_search(request: http.Request, paths: frozenset[str]) -> bool:
+    """Whether `request` asks for a result page: its path read as a server reads it (`//search`, `/SEARCH`,
+    `/%73earch` and `/search/` are `/search`), or the home page with search words."""
+    path = normalize_path(request.path).partition("?")[0].rstrip("/") or "/"
+    return path in paths or (path == "/" and "q" in request.query)

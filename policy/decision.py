@@ -32,6 +32,8 @@ class Reason(enum.Enum):
     CATEGORY = "category"
     URL_LIST = "url_list"
     IP_LITERAL = "ip_literal"
+    DESTINATION = "destination"  # the address or port reached, whatever the name: the server itself, a LAN host
+    ENGINE_ERROR = "engine_error"  # the front could not decide: blocked (fail closed)
     SAFE_SEARCH = "safe_search"
     DEFAULT = "default"
 

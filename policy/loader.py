@@ -13,6 +13,7 @@ import ipaddress
 import os
 import re
 import zoneinfo
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
@@ -35,12 +36,15 @@ from policy.model import (
     DomainRule,
     Group,
     Holiday,
+    InternalHost,
     IPAddress,
     IPNetwork,
     ListSource,
     Mode,
     Origin,
+    PortRange,
     Profile,
+    ProxyReach,
     Rules,
     Schedule,
     ScheduleRule,
@@ -50,7 +54,7 @@ from policy.model import (
     VpnSettings,
 )
 from policy.state_store import StoreAddress
-from policy.yaml_reader import Field, Problems
+from policy.yaml_reader import Field, Problems, T
 
 WEEKDAYS = {"mon": 0, "tue": 1, "wed": 2, "thu": 3, "fri": 4, "sat": 5, "sun": 6,
             "lun": 0, "mar": 1, "mer": 2, "jeu": 3, "ven": 4, "sam": 5, "dim": 6}
@@ -217,6 +221,34 @@ def parse_listen(text: str) -> str:
     return text.strip()
 
 
+def parse_port_range(text: str) -> PortRange:
+    first, sep, last = text.strip().partition("-")
+    if not first.isdigit() or (sep and not last.isdigit()):
+        raise ValueError("not a port or a range of ports")
+    port_range = PortRange(int(first), int(last) if sep else int(first))
+    if not 0 < port_range.first <= port_range.last < 65536:
+        raise ValueError("not a port or a range of ports between 1 and 65535")
+    return port_range
+
+
+def parse_internal_host(text: str) -> InternalHost:
+    """`10.20.0.5`, `10.20.0.5:443`, `10.20.0.0/24`, `10.20.0.0/24:80`, `[2001:db8::5]:443`."""
+    text = text.strip()
+    host, port = text, None
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else (None if not rest else "x")
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if port is not None and not (port.isdigit() and 0 < int(port) < 65536):
+        raise ValueError("not address[:port] or network[:port]")
+    try:
+        network = ipaddress.ip_network(host, strict=True)
+    except ValueError:
+        raise ValueError("not address[:port] or network[:port]") from None
+    return InternalHost(network, int(port) if port is not None else None)
+
+
 def parse_endpoint(text: str) -> str:
     host, sep, port = text.strip().rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
@@ -310,7 +342,8 @@ class _RulesReader:
         keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists", "api")) if field else {}
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
-        proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page")) if "proxy" in keys else {}
+        proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page", "deny_networks", "internal_hosts",
+                                       "connect_ports", "http_ports")) if "proxy" in keys else {}
         proxy_mode = proxy["mode"].choice(("regular", "transparent")) if "mode" in proxy else None
         https_block_page = proxy["https_block_page"].boolean() if "https_block_page" in proxy else None
         metrics = keys["metrics"].mapping(("listen",)) if "metrics" in keys else {}
@@ -327,12 +360,28 @@ class _RulesReader:
                             if "listen" in metrics else None) or defaults.metrics_listen,
             proxy_mode=proxy_mode or defaults.proxy_mode,
             https_block_page=defaults.https_block_page if https_block_page is None else https_block_page,
+            proxy_reach=self._proxy_reach(proxy),
             state=state or StoreAddress("sqlite", str(data_path / "state.sqlite3")),
             data_dir=str(data_path),
             api=self._api(keys["api"], data_path) if "api" in keys else ApiSettings(
                 token_file=str(data_path / "api-token")),
             list_updates=self._list_updates(keys["lists"]) if "lists" in keys else defaults.list_updates,
         )
+
+    @staticmethod
+    def _proxy_reach(keys: dict[str, Field]) -> ProxyReach:
+        defaults = ProxyReach()
+
+        def listed(key: str, convert: Callable[[str], T], example: str, default: tuple[T, ...]) -> tuple[T, ...]:
+            if key not in keys:
+                return default
+            return tuple(v for item in keys[key].items() if (v := item.converted(convert, example)) is not None)
+
+        return ProxyReach(
+            deny_networks=listed("deny_networks", parse_network, "169.254.0.0/16", defaults.deny_networks),
+            internal_hosts=listed("internal_hosts", parse_internal_host, "10.20.0.5:443", ()),
+            connect_ports=listed("connect_ports", parse_port_range, "443", defaults.connect_ports),
+            http_ports=listed("http_ports", parse_port_range, "80", defaults.http_ports))
 
     def _api(self, field: Field, data_path: Path) -> ApiSettings:
         keys = field.mapping(("listen", "token_file"))

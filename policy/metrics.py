@@ -104,6 +104,11 @@ PROXY_REQUESTS = Counter("vigie_proxy_requests", "HTTP requests decided by the p
                          "and category", ["group", "action", "reason", "category"])
 PROXY_TLS = Counter("vigie_proxy_tls_connections", "TLS connections by handling (passthrough, intercept)",
                     ["handling"])
+PROXY_ERRORS = Counter("vigie_proxy_errors", "Proxy hooks that failed, by hook: the flow was blocked (fail closed)",
+                       ["hook"])
+PROXY_DESTINATIONS_REFUSED = Counter("vigie_proxy_destinations_refused", "Upstream connections the proxy refused to "
+                                     "open, by why (deny_networks, address list, unresolved, unknown client)",
+                                     ["why"])
 PAC_SERVED = Counter("vigie_proxy_pac_served", "Proxy auto-configuration files (proxy.pac, wpad.dat) served")
 BLOCK_PAGES = Counter("vigie_block_pages", "Block pages served by the proxy, by reason", ["reason"])
 STATE_STORE_UP = Gauge("vigie_state_store_up", "1 while the state store (overrides, screen time) answers, else 0")

@@ -183,11 +183,60 @@ class ApiSettings:
 
 
 @dataclass(frozen=True)
+class PortRange:
+    first: int
+    last: int
+
+    def __contains__(self, port: object) -> bool:
+        return isinstance(port, int) and self.first <= port <= self.last
+
+    def __str__(self) -> str:
+        return str(self.first) if self.first == self.last else f"{self.first}-{self.last}"
+
+
+@dataclass(frozen=True)
+class InternalHost:
+    """An address or network inside `deny_networks` that pupils may reach through the proxy (the ENT, a school
+    server); on `port` only, or on every port the port rules allow when `port` is None."""
+
+    network: IPNetwork
+    port: int | None
+
+    def __str__(self) -> str:
+        host = str(self.network.network_address) if self.network.num_addresses == 1 else str(self.network)
+        if self.port is None:
+            return host
+        return f"[{host}]:{self.port}" if self.network.version == 6 else f"{host}:{self.port}"
+
+
+# Where the proxy never connects unless `internal_hosts` says so: this host, its neighbours and everything that is
+# not the Internet (Squid's `to_localhost` and more). The server's own addresses are added at start.
+DEFAULT_DENY_NETWORKS: tuple[IPNetwork, ...] = tuple(ipaddress.ip_network(n) for n in (
+    "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16", "172.16.0.0/12",
+    "192.0.0.0/24", "192.168.0.0/16", "198.18.0.0/15", "224.0.0.0/3",
+    "::/128", "::1/128", "fc00::/7", "fe80::/10", "ff00::/8"))
+# Squid's defaults: CONNECT only to SSL_ports (443); plain HTTP to Safe_ports' web ports.
+DEFAULT_CONNECT_PORTS = (PortRange(443, 443),)
+DEFAULT_HTTP_PORTS = (PortRange(80, 80), PortRange(443, 443), PortRange(1025, 65535))
+
+
+@dataclass(frozen=True)
+class ProxyReach:
+    """Where the proxy may open connections, whatever the names say: checked on the address it connects to."""
+
+    deny_networks: tuple[IPNetwork, ...] = DEFAULT_DENY_NETWORKS
+    internal_hosts: tuple[InternalHost, ...] = ()
+    connect_ports: tuple[PortRange, ...] = DEFAULT_CONNECT_PORTS
+    http_ports: tuple[PortRange, ...] = DEFAULT_HTTP_PORTS
+
+
+@dataclass(frozen=True)
 class ServerSettings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     proxy_listen: str = "127.0.0.1:8080"
     proxy_mode: str = "regular"  # or "transparent", behind a firewall redirect
     https_block_page: bool = True  # intercept blocked HTTPS to show the page (else the CONNECT is refused)
+    proxy_reach: ProxyReach = field(default_factory=ProxyReach)
     metrics_listen: str = "127.0.0.1:9108"
     state: StoreAddress = field(default_factory=lambda: StoreAddress("sqlite", "var/state.sqlite3"))
     api: ApiSettings = field(default_factory=ApiSettings)

@@ -16,6 +16,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -25,7 +26,8 @@ from tests.conftest import REPO
 from tests.dns_servers import RunningVigie
 
 ORIGIN_NAMES = ("allowed.example", "www.google.com", "www.bing.com", "www.youtube.com", "roblox.com",
-                "www.roblox.com", "pages.example", "wiki.example")
+                "www.roblox.com", "pages.example", "wiki.example", "ipv4.google.com", "www.google.fr",
+                "html.duckduckgo.com", "cn.bing.com", "m.youtube.com", "youtube.com")
 
 
 def make_origin_certificates(directory: Path) -> tuple[Path, Path]:
@@ -91,12 +93,23 @@ class Origin:
             server.server_close()
 
 
+def allow_origin(rules: Path, origin: Origin) -> None:
+    """Let the proxy reach the local origin: it is on loopback, which `server.proxy.deny_networks` refuses unless
+    `internal_hosts` lists it, as an admin lists a school server. Its two ports only: the rest of loopback (the
+    metrics, the admin API, Redis) stays out of reach, which the bypass matrix checks."""
+    document = yaml.safe_load(rules.read_text()) or {}
+    proxy = document.setdefault("server", {}).setdefault("proxy", {})
+    proxy["internal_hosts"] = [f"127.0.0.1:{origin.http.server_port}", f"127.0.0.1:{origin.https.server_port}"]
+    rules.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+
+
 class ProxyProcess(RunningVigie):
     """`vigie proxy` wired to the local origin."""
 
     ready_text = "vigie: proxy on"
 
     def __init__(self, rules: Path, port: int, origin: Origin, *extra: str) -> None:
+        allow_origin(rules, origin)
         self.port = port
         self.data_dir = rules.parent / "var"
         super().__init__(["proxy", "--rules", str(rules), "--proxy-listen", f"127.0.0.1:{port}",

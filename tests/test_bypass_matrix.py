@@ -6,8 +6,12 @@ The README's "Reliability" section lists the same lines."""
 from __future__ import annotations
 
 import socket
+import ssl
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from dnslib import EDNS0, DNSRecord
@@ -28,6 +32,11 @@ FILES = {
           pages: [pages]
           bypass: [vigie/dns-bypass, vpn]
         always_block: [bypass]
+        server:
+          proxy:
+            # Every high port open to CONNECT, so that the address check, not the port rule, is what stops a
+            # tunnel to the server's own services below.
+            connect_ports: [443, 1025-65535]
         devices:
           unknown: refuse
         groups:
@@ -157,10 +166,21 @@ PROXY_ATTEMPTS = [
     Attempt("a VPN service", ("https://hidemyname.example/",), "403"),
     Attempt("the Firefox canary", ("http://use-application-dns.net/",), "403"),
     Attempt("iCloud Private Relay", ("https://mask.icloud.com/",), "403"),
-    Attempt("a Host header that differs from the TLS name of an intercepted host (domain fronting)",
-            ("-H", "Host: www.roblox.com", "https://www.google.com/"), "421"),
+    Attempt("a blocked Host header inside an intercepted allowed TLS name (domain fronting)",
+            ("-H", "Host: www.roblox.com", "https://www.google.com/"), "403"),
+    Attempt("an allowed Host header that differs from the TLS name (domain fronting)",
+            ("-H", "Host: allowed.example", "https://www.google.com/"), "421"),
     Attempt("a harmless CONNECT carrying a blocked TLS name",
             ("--connect-to", "www.roblox.com:443:allowed.example:443", "https://www.roblox.com/"), "403"),
+    Attempt("an IPv4-mapped IPv6 address", ("http://[::ffff:192.0.2.10]/",), "403"),
+    Attempt("the Google search host ipv4.google.com without safe search",
+            ("https://ipv4.google.com/search?q=x&safe=off",), "200 safe=active"),
+    Attempt("a search on a Google country domain without safe search",
+            ("https://www.google.fr/search?q=x&safe=off",), "200 safe=active"),
+    Attempt("DuckDuckGo's HTML endpoint with safe search off", ("https://html.duckduckgo.com/html/?q=x&kp=-2",),
+            "200 kp=1"),
+    Attempt("Bing's China host with adult results", ("https://cn.bing.com/search?q=x&adlt=off",),
+            "200 adlt=strict"),
     Attempt("an allowed site", ("http://allowed.example/",), "200"),
 ]
 
@@ -170,7 +190,9 @@ def test_proxy(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], attemp
     _, _, proxy = fronts
     *options, url = attempt.args
     code, status, body = curl(proxy.port, url, "--cacert", str(proxy.ca_file), *options)
-    assert status == attempt.expected, (code, status, body[:300])
+    expected_status, _, forwarded = attempt.expected.partition(" ")
+    assert status == expected_status, (code, status, body[:300])
+    assert forwarded in body, body[:300]  # what the origin received (it echoes the request)
 
 
 def raw_request(port: int, request: bytes) -> bytes:
@@ -194,13 +216,22 @@ RAW_ATTEMPTS = [
     Attempt("origin-form with a blocked Host, sent to the proxy as to a server",
             ("GET /play HTTP/1.1\r\nHost: roblox.com\r\n\r\n",), "403"),
     Attempt("absolute-form to a blocked host with an allowed Host header",
-            ("GET http://roblox.com/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n",), "421"),
+            ("GET http://roblox.com/ HTTP/1.1\r\nHost: allowed.example\r\n\r\n",), "403"),
     Attempt("absolute-form to an allowed host with a blocked Host header",
-            ("GET http://allowed.example/ HTTP/1.1\r\nHost: roblox.com\r\n\r\n",), "421"),
+            ("GET http://allowed.example/ HTTP/1.1\r\nHost: roblox.com\r\n\r\n",), "403"),
     Attempt("CONNECT to DNS over TLS at a resolver's address",
             ("CONNECT 1.1.1.1:853 HTTP/1.1\r\nHost: 1.1.1.1:853\r\n\r\n",), "403"),
     Attempt("CONNECT to DNS over TLS by name", ("CONNECT dns.google:853 HTTP/1.1\r\nHost: dns.google:853\r\n\r\n",),
             "403"),
+    Attempt("CONNECT to a port outside connect_ports (SSH)",
+            ("CONNECT allowed.example:22 HTTP/1.1\r\nHost: allowed.example:22\r\n\r\n",), "403"),
+    Attempt("an address as one decimal number", ("GET http://3221225994/ HTTP/1.1\r\nHost: 3221225994\r\n\r\n",),
+            "403"),
+    Attempt("an address in hexadecimal", ("GET http://0xc000020a/ HTTP/1.1\r\nHost: 0xc000020a\r\n\r\n",), "403"),
+    Attempt("an address in octal", ("GET http://0300.0.02.012/ HTTP/1.1\r\nHost: 0300.0.02.012\r\n\r\n",), "403"),
+    Attempt("an address in short form", ("GET http://192.522/ HTTP/1.1\r\nHost: 192.522\r\n\r\n",), "403"),
+    Attempt("a name a browser reads as a broken address",
+            ("GET http://1.2.3.256/ HTTP/1.1\r\nHost: 1.2.3.256\r\n\r\n",), "400"),
 ]
 
 
@@ -212,7 +243,110 @@ def test_proxy_raw(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], at
     assert status_line.split(" ")[1:2] == [attempt.expected], answer[:300]
 
 
+def tls_through_connect(port: int, target: str, sni: str, host: str, cafile: Path) -> str:
+    """CONNECT `target`, a TLS handshake naming `sni`, then `GET /` with `Host: host`, as a hand-made client would;
+    the status of what answered: the CONNECT's when it was refused, "passthrough" when the handshake reached a
+    server other than Vigie's interception (whose certificate only the Vigie CA signs), else the request's."""
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        raw.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
+        head = b""
+        while b"\r\n\r\n" not in head and (chunk := raw.recv(4096)):
+            head += chunk
+        status = head.split(b" ", 2)[1].decode() if head else "closed"
+        if status != "200":
+            return status
+        context = ssl.create_default_context(cafile=str(cafile))
+        context.check_hostname = False
+        try:
+            with context.wrap_socket(raw, server_hostname=sni) as tls:
+                tls.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+                answer = tls.recv(4096)
+        except ssl.SSLCertVerificationError:
+            return "passthrough"
+        except (ssl.SSLError, ConnectionError):
+            return "closed"
+        return answer.split(b" ", 2)[1].decode() if answer else "closed"
+
+
+TLS_ATTEMPTS = [
+    Attempt("a DoH resolver's address as a decimal CONNECT target, allowed TLS name",
+            ("16843009:443", "allowed.example", "allowed.example"), "403"),
+    Attempt("a DoH resolver's address in hexadecimal as the CONNECT target",
+            ("0x1010101:443", "0x1010101", "0x1010101"), "403"),
+    Attempt("a blocked CONNECT target carrying the TLS name and Host of an allowed site",
+            ("roblox.com:443", "allowed.example", "allowed.example"), "403"),
+    Attempt("an allowed CONNECT target carrying a blocked TLS name",
+            ("allowed.example:443", "roblox.com", "roblox.com"), "403"),
+    Attempt("a TLS name that is not a host name", ("allowed.example:443", "x-.roblox.com", "allowed.example"), "421"),
+    Attempt("the same allowed name everywhere", ("allowed.example:443", "allowed.example", "allowed.example"),
+            "passthrough"),
+]
+
+
+@pytest.mark.parametrize("attempt", TLS_ATTEMPTS, ids=str)
+def test_proxy_tls(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess], attempt: Attempt) -> None:
+    _, _, proxy = fronts
+    target, sni, host = attempt.args
+    assert tls_through_connect(proxy.port, target, sni, host, proxy.ca_file) == attempt.expected
+
+
+class LoopbackService:
+    """A TCP service on the server's loopback, standing for its metrics, admin API or Redis: it counts the
+    connections that reach it."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.reached = 0
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.reached += 1
+            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\nsecret\n")
+            connection.close()
+
+
+SERVER_ATTEMPTS = [
+    Attempt("the server's own service by name", ("GET http://localhost:{port}/ HTTP/1.1\r\nHost: localhost:{port}"
+                                                 "\r\n\r\n",), "not reached"),
+    Attempt("the server's own service by name in capitals with a trailing dot",
+            ("GET http://LOCALHOST.:{port}/ HTTP/1.1\r\nHost: LOCALHOST.:{port}\r\n\r\n",), "not reached"),
+    Attempt("the server's own service as a decimal address",
+            ("GET http://2130706433:{port}/ HTTP/1.1\r\nHost: 2130706433:{port}\r\n\r\n",), "not reached"),
+    Attempt("a tunnel to the server's own service by name (a Redis command inside)",
+            ("CONNECT localhost:{port} HTTP/1.1\r\nHost: localhost:{port}\r\n\r\nPING\r\n",), "not reached"),
+    Attempt("a tunnel to the server's own service by a short address",
+            ("CONNECT 127.1:{port} HTTP/1.1\r\nHost: 127.1:{port}\r\n\r\nPING\r\n",), "not reached"),
+    Attempt("a tunnel to the server's own service by an IPv4-mapped address",
+            ("CONNECT [::ffff:127.0.0.1]:{port} HTTP/1.1\r\nHost: [::ffff:127.0.0.1]:{port}\r\n\r\nPING\r\n",),
+            "not reached"),
+]
+
+
+@pytest.fixture(scope="module")
+def loopback_service() -> Iterator[LoopbackService]:
+    service = LoopbackService()
+    yield service
+    service.listener.close()
+
+
+@pytest.mark.parametrize("attempt", SERVER_ATTEMPTS, ids=str)
+def test_proxy_never_reaches_the_server_itself(fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess],
+                                               loopback_service: LoopbackService, attempt: Attempt) -> None:
+    _, _, proxy = fronts
+    answer = raw_request(proxy.port, attempt.args[0].format(port=loopback_service.port).encode())
+    time.sleep(0.3)  # a connection the proxy would open arrives after its answer
+    assert loopback_service.reached == 0, answer[:300]
+    assert b"secret" not in answer
+
+
 def test_the_readme_lists_every_attempt() -> None:
     readme = (REPO / "README.md").read_text().split("## Reliability", 1)[1].split("\n## ", 1)[0]
-    missing = [a.attempt for a in DNS_ATTEMPTS + PROXY_ATTEMPTS + RAW_ATTEMPTS if f"| {a.attempt}: `" not in readme]
+    missing = [a.attempt for a in DNS_ATTEMPTS + PROXY_ATTEMPTS + RAW_ATTEMPTS + TLS_ATTEMPTS + SERVER_ATTEMPTS
+               if f"| {a.attempt}: `" not in readme]
     assert not missing, f"the README's Reliability section lacks: {missing}"

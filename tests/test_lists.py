@@ -11,9 +11,9 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from blocklists.errors import ListError, VigieError
+from blocklists.errors import ListError, NameRejected, VigieError
 from blocklists.formats import MAX_BAD_LINES, parse_adblock, parse_domains, parse_hosts, parse_urls
-from blocklists.names import normalize_domain, normalize_path
+from blocklists.names import ip_literal, normalize_domain, normalize_host, normalize_path
 from blocklists.ut1 import read_ut1
 
 
@@ -138,3 +138,45 @@ def test_every_parser_only_raises_our_own_errors(lines: list[str]) -> None:
     for parser in (parse_domains, parse_hosts, parse_adblock, parse_urls):
         with contextlib.suppress(VigieError):
             parser("fuzz", lines)
+
+
+@pytest.mark.parametrize(("raw", "expected"), [
+    ("127.0.0.1", "127.0.0.1"),
+    ("2130706433", "127.0.0.1"),  # one decimal number
+    ("0x7f000001", "127.0.0.1"),  # hexadecimal
+    ("0X7F.0.0.1", "127.0.0.1"),
+    ("0177.0.0.1", "127.0.0.1"),  # octal
+    ("127.1", "127.0.0.1"),  # short forms: the last part fills the bytes left
+    ("127.0.1", "127.0.0.1"),
+    ("1.1.1.1.", "1.1.1.1"),  # a trailing dot
+    ("16843009", "1.1.1.1"),
+    ("[::ffff:127.0.0.1]", "127.0.0.1"),  # IPv4-mapped IPv6 reaches the IPv4 host
+    ("::ffff:7f00:1", "127.0.0.1"),
+    ("[2001:DB8::1]", "2001:db8::1"),
+    ("fe80::1%eth0", "fe80::1"),  # a zone
+    ("1.2.3.256", None),
+    ("08.0.0.1", None),  # 8 is no octal digit
+    ("4294967296", None),  # over 32 bits
+    ("1.2.3.4.5", None),
+    ("1.+2.3.4", None),
+    ("example.com", None),
+    ("1e3", None),
+])
+def test_an_address_is_recognised_in_every_spelling_a_browser_accepts(raw: str, expected: str | None) -> None:
+    assert ip_literal(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["1.2.3.256", "example.0x1", "a.b.123", "08.0.0.1"])
+def test_a_name_a_browser_reads_as_a_broken_address_is_no_host(raw: str) -> None:
+    with pytest.raises(NameRejected):
+        normalize_host(raw)
+
+
+@given(st.text(max_size=40))
+@example("0x")
+@example("0.0x.0")
+@example("[::ffff:1.2.3.4]")
+def test_any_host_normalises_or_raises_our_own_error(raw: str) -> None:
+    with contextlib.suppress(NameRejected):
+        host = normalize_host(raw)
+        assert host == normalize_host(host), "normalising twice changes nothing"

@@ -112,6 +112,16 @@ BAD = [
      r"vpn.endpoint: 'vpn.example': not host:port"),
     ("a VPN route is vigie or all", ("timezone: Europe/Paris", VPN.replace("}", ", route: some}")),
      r"vpn.route: 'some' is not one of: vigie, all"),
+    ("an internal host that is not an address is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\n"
+                                                             "server:\n  proxy: {internal_hosts: [ent.example:443]}"),
+     r"rules.yaml:3:\d+: server.proxy.internal_hosts\[0\]: 'ent.example:443': not address\[:port\] or "
+     r"network\[:port\] \(example: 10.20.0.5:443\)"),
+    ("a port out of range is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                        "  proxy: {connect_ports: [443, 70000]}"),
+     r"server.proxy.connect_ports\[1\]: '70000': not a port or a range of ports between 1 and 65535"),
+    ("a deny network with host bits is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                                   "  proxy: {deny_networks: [10.0.0.1/8]}"),
+     r"server.proxy.deny_networks\[0\]: '10.0.0.1/8': host bits are set"),
 ]
 
 
@@ -129,6 +139,19 @@ def test_list_update_settings_are_read(tmp_path: Path) -> None:
     policy = load_rules(write_tree(tmp_path, {"rules.yaml": text})).rules.server.list_updates
     assert (policy.refresh_seconds, policy.timeout_seconds, policy.max_bytes, policy.max_shrink) == \
         (6 * 3600, 120, 20 * 2**20, 0.2)
+
+
+def test_what_the_proxy_may_reach_is_read_and_has_squids_defaults(tmp_path: Path) -> None:
+    (tmp_path / "city.txt").write_text("roblox.com\n")
+    reach = load_rules(write_tree(tmp_path, {"rules.yaml": BASE})).rules.server.proxy_reach
+    assert [str(r) for r in reach.connect_ports] == ["443"] and "127.0.0.0/8" in map(str, reach.deny_networks)
+    text = BASE.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  proxy:\n"
+                        "    internal_hosts: [10.20.0.5:443, 10.30.0.0/24, '[2001:db8::5]:8443']\n"
+                        "    connect_ports: [443, 8443-8445]\n    http_ports: [80]")
+    reach = load_rules(write_tree(tmp_path, {"rules.yaml": text})).rules.server.proxy_reach
+    assert [str(h) for h in reach.internal_hosts] == ["10.20.0.5:443", "10.30.0.0/24", "[2001:db8::5]:8443"]
+    assert [str(r) for r in reach.connect_ports] == ["443", "8443-8445"] and [str(r) for r in reach.http_ports] == \
+        ["80"]
 
 
 def test_the_dns_cache_size_is_read_and_has_a_default(tmp_path: Path) -> None:

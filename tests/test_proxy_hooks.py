@@ -140,6 +140,19 @@ def test_the_home_profile_sends_searches_to_the_portal(snapshot: Snapshot) -> No
     assert images.response is None and images.request.query["adlt"] == "moderate"
 
 
+@pytest.mark.parametrize("url", [
+    "https://www.google.com/search/?q=x", "https://www.google.com//search?q=x", "https://www.google.com/SEARCH?q=x",
+    "https://www.google.com/%73earch?q=x", "https://www.google.com/webhp?q=x", "https://www.google.com/?q=x",
+    "https://www.google.fr/search?q=x", "https://ipv4.google.com/search?q=x", "https://images.google.com/images?q=x",
+    "https://html.duckduckgo.com/html/?q=x", "https://lite.duckduckgo.com/lite/?q=x", "https://duckduckgo.com/?q=x",
+    "https://cn.bing.com/search?q=x", "https://www.bing.com/images/search?q=x",
+])
+def test_every_spelling_of_a_search_goes_to_the_portal(snapshot: Snapshot, url: str) -> None:
+    flow = request(snapshot, url, peer="10.50.0.9", sni=url.split("/")[2])
+    assert flow.response is not None and flow.response.status_code == 302, url
+    assert flow.response.headers["Location"] == "https://www.qwantjunior.com/?q=x"
+
+
 @pytest.mark.parametrize(("url", "blocked"), [
     ("https://pages.example/adult-section/page1", True),
     ("https://sub.pages.example/adult-section", True),
@@ -153,9 +166,19 @@ def test_url_lists_and_path_rules(snapshot: Snapshot, url: str, blocked: bool) -
 
 
 def test_a_host_that_differs_from_the_tls_name_is_refused(snapshot: Snapshot) -> None:
-    flow = request(snapshot, "https://roblox.com/", sni="www.google.com")
+    flow = request(snapshot, "https://wikipedia.org/", sni="www.google.com")
     assert flow.response is not None and flow.response.status_code == 421
     assert "Le nom demandé ne correspond pas à la connexion ouverte." in flow.response.get_text()
+
+
+def test_a_blocked_host_behind_an_allowed_tls_name_gets_its_block_page(snapshot: Snapshot) -> None:
+    flow = request(snapshot, "https://roblox.com/", sni="www.google.com")
+    assert flow.response is not None and flow.response.status_code == 403 and "roblox.com" in flow.response.text
+
+
+def test_a_blocked_tls_name_under_an_allowed_host_gets_its_block_page(snapshot: Snapshot) -> None:
+    flow = request(snapshot, "https://wikipedia.org/", sni="roblox.com")
+    assert flow.response is not None and flow.response.status_code == 403 and "roblox.com" in flow.response.text
 
 
 def credentials(user: str, password: str) -> dict[str, str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from blocklists.errors import NameRejected, VigieError
-from blocklists.names import ip_literal, normalize_domain, normalize_path
+from blocklists.names import normalize_host, normalize_path
 from policy.decision import Query
 from policy.engine import decide
 from policy.errors import ConfigError, ConfigProblem, Severity
@@ -152,14 +152,12 @@ def summary(snapshot: Snapshot, warnings: int) -> str:
 def parse_target(raw: str) -> tuple[str, str | None, str | None]:
     """`tiktok.com` → (host, None, None); a URL → (host, path with query, the URL)."""
     if "://" not in raw and "/" not in raw:
-        literal = ip_literal(raw)
-        return (literal if literal else normalize_domain(raw)), None, None
+        return normalize_host(raw), None, None
     url = raw if "://" in raw else f"http://{raw}"
     parts = urlsplit(url)
     host = parts.hostname or ""
-    literal = ip_literal(host)
     path = normalize_path((parts.path or "/") + (f"?{parts.query}" if parts.query else ""))
-    return (literal if literal else normalize_domain(host)), path, url
+    return normalize_host(host), path, url
 
 
 def parse_local_time(text: str | None, snapshot: Snapshot) -> datetime:

@@ -281,11 +281,12 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         # Imported here: mitmproxy weighs ~60 MB, which a DNS-only worker does not carry.
         from filter_proxy.addon import VigieAddon
         from filter_proxy.ca import ensure_ca
+        from filter_proxy.own_addresses import own_addresses
         from filter_proxy.server import start_proxy
 
         ca = ensure_ca(Path(settings.data_dir))
         addon = VigieAddon(lambda: holder.snapshot, lambda: keeper.view, count_minute=keeper.usage.record,
-                           block_page_for_https=settings.https_block_page)
+                           block_page_for_https=settings.https_block_page, own_addresses=own_addresses(settings))
         proxy = await start_proxy(addon, fronts.proxy_listen, fronts.proxy_mode, ca.confdir, fronts.proxy_options)
         listening.append(f"proxy on {fronts.proxy_listen} ({fronts.proxy_mode}; CA certificate {ca.pem})")
     api = None
