@@ -37,9 +37,9 @@ sys.path.insert(0, str(REPO))
 
 from blocklists.names import is_plain_name  # noqa: E402
 from blocklists.ut1 import read_ut1  # noqa: E402
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import UT1_ARCHIVE, free_port  # noqa: E402
 
-ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
+ARCHIVE = UT1_ARCHIVE  # VIGIE_UT1_ARCHIVE, else ../shared/data/ut1-blacklists.tar.gz
 # 32 source ports: with 8, the kernel's SO_REUSEPORT hash often gave one of unbound's two threads (each has its own
 # socket) three quarters of the queries. Vigie's workers share one socket and do not depend on it.
 DNSPERF = ["-c", "32", "-T", "2", "-q", "500"]
@@ -217,6 +217,8 @@ PAIRS = (("Vigie 1 worker", "unbound 1 thread"), ("Vigie 2 workers", "unbound 2 
 
 
 def main() -> None:
+    if not ARCHIVE.exists():
+        sys.exit(f"no UT1 snapshot at {ARCHIVE} (set VIGIE_UT1_ARCHIVE): this benchmark loads the real lists")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5, help="per run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and file (default 3)")

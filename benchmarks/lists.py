@@ -1,6 +1,6 @@
 """Blocklist matcher benchmark: build, load, memory, lookups and false positives, as one table.
 
-    .venv/bin/python benchmarks/lists.py [--archive ../shared/data/ut1-blacklists.tar.gz] [--generated 5000000]
+    .venv/bin/python benchmarks/lists.py [--archive $VIGIE_UT1_ARCHIVE] [--generated 5000000]
 
 Two data sets: every category of the UT1 snapshot, and a generated list of random names (random labels compress
 worst in a trie, so this is the pessimistic case). Each measurement of memory or load time runs in a fresh
@@ -30,6 +30,7 @@ from blocklists.formats import parse_domains  # noqa: E402
 from blocklists.matcher import DomainListing, DomainTable, file_sizes  # noqa: E402
 from blocklists.names import parent_domains  # noqa: E402
 from blocklists.ut1 import read_ut1  # noqa: E402
+from tests.conftest import UT1_ARCHIVE  # noqa: E402
 
 Builder = Callable[[], tuple[DomainTable, list[str]]]
 TLDS = ["fr", "com", "net", "org", "de", "info", "xyz", "io", "be", "eu"]
@@ -185,7 +186,7 @@ ROWS = [
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--archive", type=Path, default=REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz")
+    parser.add_argument("--archive", type=Path, default=UT1_ARCHIVE)
     parser.add_argument("--generated", type=int, default=5_000_000, help="size of the generated list")
     arguments = parser.parse_args()
     results: dict[str, dict[str, float]] = {}

@@ -28,10 +28,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from tests.conftest import free_port  # noqa: E402
+from tests.conftest import UT1_ARCHIVE, free_port  # noqa: E402
 from tests.proxy_servers import make_origin_certificates  # noqa: E402
 
-ARCHIVE = REPO.parent / "shared" / "data" / "ut1-blacklists.tar.gz"
+ARCHIVE = UT1_ARCHIVE  # VIGIE_UT1_ARCHIVE, else ../shared/data/ut1-blacklists.tar.gz
 MAP_SCRIPT = REPO / "tests" / "proxy_origin_map.py"
 # Plain mitmproxy passing TLS through after reading the ClientHello: the mechanism any SNI-based filter needs.
 PASS_AFTER_HELLO = """
@@ -176,6 +176,8 @@ def decision_latency(rules: Path) -> tuple[float, float, float, float]:
 
 
 def main() -> None:
+    if not ARCHIVE.exists():
+        sys.exit(f"no UT1 snapshot at {ARCHIVE} (set VIGIE_UT1_ARCHIVE): this benchmark loads the real lists")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8)
     parser.add_argument("--concurrency", type=int, default=10)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import csv
+import dataclasses
 import ipaddress
 import os
 import re
@@ -339,7 +340,8 @@ class _RulesReader:
     def _server(self, field: Field | None) -> ServerSettings:
         """The server section; paths (data_dir, the SQLite state, the API token) are taken from rules.yaml's
         directory, also when the section is absent."""
-        keys = field.mapping(("dns", "proxy", "metrics", "state", "data_dir", "lists", "api")) if field else {}
+        keys = field.mapping(("dns", "proxy", "metrics", "state", "state_password_file", "data_dir", "lists", "api")) \
+            if field else {}
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
         proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page", "deny_networks", "internal_hosts",
@@ -352,6 +354,12 @@ class _RulesReader:
         state = keys["state"].converted(lambda text: StoreAddress.parse(text, self.base_dir),
                                         "sqlite:///var/state.sqlite3, redis://127.0.0.1:6379/0") \
             if "state" in keys else None
+        if "state_password_file" in keys:
+            password_file = keys["state_password_file"].text("/run/secrets/redis_password")
+            if state is None or state.scheme != "redis":
+                keys["state_password_file"].error("a password file is for a Redis store (state: redis://…)")
+            elif password_file is not None:
+                state = dataclasses.replace(state, password_file=str(self.base_dir / password_file))
         return ServerSettings(
             dns=dns,
             proxy_listen=(proxy["listen"].converted(parse_listen, "127.0.0.1:8080") if "listen" in proxy else None)
@@ -585,7 +593,7 @@ class _RulesReader:
             return UrlRule(entry.host, entry.path_prefix, item.origin)
 
         for item in field.items() if field else []:
-            rule = item.converted(url, "www.youtube.com/shorts")
+            rule = item.converted(url, "youtube.com/shorts")
             if rule:
                 rules.append(rule)
         return tuple(rules)

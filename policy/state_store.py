@@ -1,7 +1,9 @@
 """Where shared state lives: the interface both stores implement, and `open_store` for a `server.state` address.
 
 - `sqlite:///path`: the embedded default, shared by the processes of one server (`policy.store_sqlite`);
-- `redis://host:port/db`: shared by several servers (`policy.store_redis`).
+- `redis://host:port/db`: shared by several servers (`policy.store_redis`); `rediss://` for TLS, a user in the URL
+  (`redis://vigie@host:6379/0`) and the password read from `server.state_password_file`, never written in
+  rules.yaml. The store holds the overrides: whoever can write to it can open any site for any class.
 
 Only the state keeper (background thread), the command line and the admin API talk to a store; the hot paths read
 the keeper's in-memory view. Every store error reaches callers as `StoreUnavailable`, with the store named.
@@ -10,6 +12,7 @@ the keeper's in-memory view. Every store error reaches callers as `StoreUnavaila
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
@@ -37,9 +40,21 @@ class StoreAddress:
 
     scheme: str
     target: str
+    password_file: str | None = None  # Redis: the file holding the password (a Docker or systemd secret)
 
     def __str__(self) -> str:
-        return f"sqlite://{self.target}" if self.scheme == "sqlite" else self.target
+        if self.scheme == "sqlite":
+            return f"sqlite://{self.target}"
+        return redacted(self.target)
+
+    def password(self) -> str | None:
+        """The password from `password_file`; StoreUnavailable naming the file when it cannot be read."""
+        if self.password_file is None:
+            return None
+        try:
+            return Path(self.password_file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise StoreUnavailable(f"server.state_password_file {self.password_file}: {exc.strerror}") from None
 
     @classmethod
     def parse(cls, text: str, base_dir: Path) -> StoreAddress:
@@ -52,6 +67,11 @@ class StoreAddress:
         if text.startswith(("redis://", "rediss://", "unix://")):
             return cls("redis", text)
         raise ValueError("not a state store")
+
+
+def redacted(url: str) -> str:
+    """`url` with any password in it replaced by `***`, for logs and banners."""
+    return re.sub(r"(//[^:/@]*:)[^@/]*@", r"\1***@", url)
 
 
 class StateStore(Protocol):
@@ -87,7 +107,7 @@ def open_store(address: StoreAddress) -> StateStore:
         return SqliteStore(Path(address.target))
     from policy.store_redis import RedisStore
 
-    return RedisStore(address.target)
+    return RedisStore(address.target, password=address.password())
 
 
 def override_to_json(override: Override) -> dict[str, Any]:

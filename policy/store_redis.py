@@ -30,6 +30,7 @@ from policy.state_store import (
     StoreUnavailable,
     encode_override,
     override_from_json,
+    redacted,
 )
 from policy.usage import Minutes, minutes_in
 
@@ -62,11 +63,12 @@ def usage_key(day: date) -> str:
 
 
 class RedisStore:
-    def __init__(self, url: str, timeout: float = 2.0) -> None:
-        self.url = url
+    def __init__(self, url: str, timeout: float = 2.0, password: str | None = None) -> None:
+        self.url = redacted(url)  # named in errors and logs
+        extra = {"password": password} if password is not None else {}
         try:
             self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                               decode_responses=True)
+                                               decode_responses=True, **extra)
         except ValueError as exc:
             raise StoreUnavailable(f"state store {url}: {exc} (example: redis://127.0.0.1:6379/0)") from None
         self._add_usage = self._redis.register_script(_ADD_USAGE)

@@ -6,19 +6,23 @@ every path they name exists, every package the project ships is copied, the serv
 from __future__ import annotations
 
 import configparser
+import dataclasses
 import json
 import re
 import shutil
 import subprocess
 import sys
+import time
 import tomllib
+from datetime import date
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from policy.state_store import StoreAddress, StoreUnavailable, open_store
+from tests.conftest import REPO, free_port
 
 DEPLOY = REPO / "deploy"
 DOCKER = DEPLOY / "docker"
@@ -136,6 +140,38 @@ def test_the_compose_file_wires_vigie_redis_prometheus_and_grafana() -> None:
     assert "redis" in vigie["depends_on"]
     assert (DOCKER / vigie["build"]["context"] / vigie["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile"
     assert any(target == "/etc/grafana/provisioning" for _, target in mounts(services["grafana"]))
+
+
+def test_the_compose_redis_needs_the_password_the_rules_read(tmp_path: Path) -> None:
+    """The compose Redis is started by its own command line, on loopback here, with the secret in a file: a client
+    without the password is refused, Vigie's store with the rules' password file gets in."""
+    services = compose()["services"]
+    redis_service, vigie = services["redis"], services["vigie"]
+    assert "ports" not in redis_service, "Redis is never published"
+    assert "redis_password" in redis_service["secrets"] and "redis_password" in vigie["secrets"]
+    rules_text = (DOCKER / "rules.yaml").read_text()
+    assert "state_password_file: /run/secrets/redis_password" in rules_text
+    secret = tmp_path / "redis-password"
+    secret.write_text("city-secret-123\n")
+    port = free_port()
+    command = redis_service["command"][2].replace("$$", "$").replace("/run/secrets/redis_password", str(secret))
+    command += f" --port {port} --bind 127.0.0.1 --dir {tmp_path} --appendonly no --save ''"
+    process = subprocess.Popen(["sh", "-c", command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        address = StoreAddress.parse(f"redis://127.0.0.1:{port}/0", tmp_path)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                open_store(dataclasses.replace(address, password_file=str(secret))).usage(date(2026, 12, 1))
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the compose Redis did not start"
+                time.sleep(0.1)
+        with pytest.raises(StoreUnavailable, match=r"authenticated|NOAUTH"):
+            open_store(address).usage(date(2026, 12, 1))
+    finally:
+        process.kill()
+        process.wait(timeout=10)
 
 
 def test_the_dockerfile_copies_what_exists_and_every_package() -> None:

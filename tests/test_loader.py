@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -184,19 +186,35 @@ def test_inventory_problems_name_the_csv_line(tmp_path: Path) -> None:
     assert "devices.csv:6:1: device 'tab-4': unknown group 'cm9'" in joined
 
 
-def test_the_repository_rules_are_valid_with_the_ut1_snapshot(tmp_path: Path, ut1_archive: Path) -> None:
+def repository_rules_with(archive: Path, directory: Path) -> Path:
+    """The repository's rules.yaml, devices and city lists, with the UT1 source pointing at `archive`."""
     for name in ("rules.yaml", "devices.csv"):
-        shutil.copy(REPO / name, tmp_path / name)
-    shutil.copytree(REPO / "lists", tmp_path / "lists")
-    rules = (tmp_path / "rules.yaml").read_text()
-    rules = re.sub(r"source: https://\S+", f"source: {ut1_archive}", rules)
-    (tmp_path / "rules.yaml").write_text(rules)
+        shutil.copy(REPO / name, directory / name)
+    shutil.copytree(REPO / "lists", directory / "lists")
+    rules = (directory / "rules.yaml").read_text()
+    (directory / "rules.yaml").write_text(re.sub(r"source: https://\S+", f"source: {archive}", rules))
+    return directory / "rules.yaml"
+
+
+def test_the_repository_rules_are_valid_with_a_ut1_archive(tmp_path: Path, ut1_archive: Path) -> None:
+    """Every UT1 category rules.yaml names exists in the official layout; `vigie check` says so."""
+    rules = repository_rules_with(ut1_archive, tmp_path)
     from vigie.loading import load_snapshot
 
-    loaded = load_snapshot(tmp_path / "rules.yaml")
+    loaded = load_snapshot(rules)
+    assert [p for p in loaded.warnings if p.severity is Severity.ERROR] == []
+    assert loaded.snapshot.rules.groups["bureaux-de-vote"].profile == "kiosque"
+    result = subprocess.run([sys.executable, "-m", "vigie", "check", str(rules)], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "tiktok.com" not in result.stderr, result.stderr
+
+
+def test_the_repository_rules_are_valid_with_the_real_ut1_snapshot(tmp_path: Path, real_ut1_archive: Path) -> None:
+    from vigie.loading import load_snapshot
+
+    loaded = load_snapshot(repository_rules_with(real_ut1_archive, tmp_path))
     assert [p for p in loaded.warnings if p.severity is Severity.ERROR] == []
     assert len(loaded.snapshot.lists.domains) > 400_000
-    assert loaded.snapshot.rules.groups["bureaux-de-vote"].profile == "kiosque"
 
 
 yaml_values = st.recursive(

@@ -158,6 +158,8 @@ def test_every_spelling_of_a_search_goes_to_the_portal(snapshot: Snapshot, url: 
     ("https://sub.pages.example/adult-section", True),
     ("https://pages.example/other", False),
     ("https://wiki.example/forbidden/x", True),
+    ("https://m.wiki.example/forbidden/x", True),  # a URL rule covers the host's subdomains, as domain rules do
+    ("https://notwiki.example/forbidden/x", False),
     ("https://wiki.example/allowed", False),
 ])
 def test_url_lists_and_path_rules(snapshot: Snapshot, url: str, blocked: bool) -> None:

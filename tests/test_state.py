@@ -3,6 +3,7 @@ them to the hot paths through outages, restarts, day changes and daylight-saving
 
 from __future__ import annotations
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -14,11 +15,12 @@ from zoneinfo import ZoneInfo
 
 import pytest
 
+from policy.loader import load_rules
 from policy.state import Override, OverrideKind
 from policy.state_keeper import StateKeeper
 from policy.state_store import OverrideNotFound, StateStore, StoreAddress, StoreUnavailable, open_store
 from policy.usage import UsageRecorder, local_day
-from tests.conftest import REPO, paris
+from tests.conftest import REPO, paris, write_tree
 from tests.state_servers import RedisServer
 
 PARIS = ZoneInfo("Europe/Paris")
@@ -275,3 +277,33 @@ def test_processes_starting_together_all_open_a_new_sqlite_store(tmp_path: Path)
         errors = [process.communicate(timeout=30)[1] for process in processes]
         failures = [error for process, error in zip(processes, errors, strict=True) if process.returncode != 0]
         assert not failures, failures[0]
+
+
+def test_a_redis_store_with_a_password_reads_it_from_a_file_and_never_shows_it(tmp_path: Path) -> None:
+    (tmp_path / "redis-password").write_text("s3cret-of-the-city\n")
+    with RedisServer(tmp_path / "redis", password="s3cret-of-the-city") as server:
+        without = open_store(StoreAddress.parse(server.url, tmp_path))
+        with pytest.raises(StoreUnavailable, match="authenticated"):
+            without.usage(date(2026, 11, 23))
+        address = dataclasses.replace(StoreAddress.parse(server.url, tmp_path),
+                                      password_file=str(tmp_path / "redis-password"))
+        store = open_store(address)
+        store.add_usage({date(2026, 11, 23): {"tab-01": bits(600)}})
+        assert store.usage(date(2026, 11, 23)) == {"tab-01": 1}
+        store.close()
+        written = StoreAddress.parse(server.url.replace("//", "//vigie:s3cret@"), tmp_path)
+        assert "s3cret" not in str(written) and str(written).startswith("redis://vigie:***@127.0.0.1:")
+
+
+def test_the_password_file_is_read_from_the_rules(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": """
+        server:
+          state: redis://127.0.0.1:6379/0
+          state_password_file: secrets/redis
+        groups:
+          school: {networks: [10.20.1.0/24], profile: class}
+        profiles:
+          class: {}
+        always_block: []
+        """})
+    assert load_rules(rules).rules.server.state.password_file == str(tmp_path / "secrets" / "redis")

@@ -5,6 +5,7 @@ locked, a Vigie restarted; dig and curl as the tablets, each from its own loopba
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -190,7 +191,16 @@ def test_the_admin_api_refuses_bad_tokens_and_bad_requests(tmp_path: Path, upstr
         assert status == 400 and "did you mean 'cm2-a'" in error["error"]
         status, error = post(json.dumps({**good, "for": "8 days"}).encode(), token)
         assert status == 400 and "duration" in error["error"]
+        status, error = post(b"[" * 5000 + b"]" * 5000, token)
+        assert status == 400 and "nested too deeply" in error["error"]
+        status, error = post(json.dumps({**good, "note": {"a": [1]}}).encode(), token)
+        assert status == 400 and "flat JSON object" in error["error"]
         assert post(json.dumps(good).encode(), token)[0] == 201
+        # An idle connection is closed after IDLE_SECONDS rather than holding a thread for ever.
+        with socket.create_connection(("127.0.0.1", api_port), timeout=20) as idle:
+            started = time.monotonic()
+            assert idle.recv(1) == b""
+            assert time.monotonic() - started < 15
 
 
 def metric(port: int, name: str) -> float | None:

@@ -36,6 +36,8 @@ from vigie.overrides import OverrideRefused, OverrideRequest, budgets_now, make_
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 16 * 1024
+MAX_CONNECTIONS = 64  # admin tools and the teacher page: a handful at once
+IDLE_SECONDS = 10.0
 
 
 def ensure_token(path: Path) -> str:
@@ -60,7 +62,26 @@ def ensure_token(path: Path) -> str:
 
 
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once (more are closed at once), each closed after
+    IDLE_SECONDS without a request: a client that opens connections and says nothing holds nothing for long."""
+
     daemon_threads = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class _Ipv6Server(_Server):
@@ -86,6 +107,7 @@ class AdminApi:
 
         class Handler(BaseHTTPRequestHandler):
             server_version = "vigie-api"
+            timeout = IDLE_SECONDS
 
             def do_GET(self) -> None:
                 api.handle(self, "GET")
@@ -185,8 +207,12 @@ class AdminApi:
             body = json.loads(request.rfile.read(length))
         except (ValueError, UnicodeDecodeError):
             raise _ApiError(HTTPStatus.BAD_REQUEST, "the body is not JSON") from None
+        except RecursionError:
+            raise _ApiError(HTTPStatus.BAD_REQUEST, "the body is nested too deeply: send a flat JSON object") from None
         if not isinstance(body, dict):
             raise _ApiError(HTTPStatus.BAD_REQUEST, "send a JSON object")
+        if any(isinstance(value, dict | list) for value in body.values()):
+            raise _ApiError(HTTPStatus.BAD_REQUEST, "send a flat JSON object (strings and numbers as values)")
         return body
 
     def _add(self, body: dict[str, Any]) -> dict[str, Any]:
