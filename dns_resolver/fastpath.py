@@ -13,6 +13,7 @@ time spent in the cache.
 
 from __future__ import annotations
 
+import socket
 import struct
 import time
 from collections import OrderedDict
@@ -77,12 +78,19 @@ def ttl_offsets(reply: bytes, question_end: int) -> list[int] | None:
 
 
 class Records(NamedTuple):
-    """A message as `read_records` leaves it: without OPT record, its TTLs found."""
+    """A message as `read_records` leaves it: without OPT record, its TTLs found, and what its answer section
+    leads to — the names it points at and the addresses it gives — for the front to judge as it judged the
+    question."""
 
     wire: bytes
     question_end: int
     ttl_offsets: tuple[int, ...]  # from `question_end`
     smallest_ttl: int | None  # None when there is no record
+    targets: tuple[str, ...] = ()  # CNAME and DNAME targets, HTTPS and SVCB target names, lower-case, no dot
+    addresses: tuple[str, ...] = ()  # A and AAAA addresses, as text
+
+
+_CNAME, _DNAME, _SVCB, _HTTPS, _A, _AAAA = 5, 39, 64, 65, 1, 28
 
 
 def read_records(wire: bytes, question_end: int) -> Records | None:
@@ -94,6 +102,8 @@ def read_records(wire: bytes, question_end: int) -> Records | None:
         offsets: list[int] = []
         smallest: int | None = None
         removed: list[tuple[int, int]] = []  # (start, end) of the OPT records of the additional section
+        targets: list[str] = []
+        addresses: list[str] = []
         cut = 0  # bytes of OPT records before the current one
         index = question_end
         for number in range(answers + authority + additional):
@@ -117,8 +127,10 @@ def read_records(wire: bytes, question_end: int) -> Records | None:
             elif number >= answers + authority:
                 removed.append((start, end))
                 cut += end - start
+            if number < answers and rtype in _LEADS:
+                _lead(wire, rtype, index + 10, end, targets, addresses)
             index = end
-    except (IndexError, struct.error):
+    except (IndexError, struct.error, ValueError):
         return None
     if index != len(wire):
         return None
@@ -130,7 +142,45 @@ def read_records(wire: bytes, question_end: int) -> Records | None:
             previous = end
         kept.append(wire[previous:])
         wire = b"".join(kept)
-    return Records(wire, question_end, tuple(offsets), smallest)
+    return Records(wire, question_end, tuple(offsets), smallest, tuple(targets), tuple(addresses))
+
+
+_LEADS = frozenset((_CNAME, _DNAME, _SVCB, _HTTPS, _A, _AAAA))
+
+
+def _lead(wire: bytes, rtype: int, rdata: int, end: int, targets: list[str], addresses: list[str]) -> None:
+    """Add what one answer record leads to: its address, or the name it points at (the root `.` of an HTTPS
+    record means the owner itself, already judged). Raises ValueError on a record that cannot be read."""
+    if rtype == _A and end - rdata == 4:
+        addresses.append(socket.inet_ntop(socket.AF_INET, wire[rdata:end]))
+    elif rtype == _AAAA and end - rdata == 16:
+        addresses.append(socket.inet_ntop(socket.AF_INET6, wire[rdata:end]))
+    elif rtype in (_CNAME, _DNAME):
+        targets.append(read_name(wire, rdata))
+    elif rtype in (_SVCB, _HTTPS):
+        name = read_name(wire, rdata + 2)
+        if name:
+            targets.append(name)
+    elif rtype in (_A, _AAAA):
+        raise ValueError("an address record of the wrong length")
+
+
+def read_name(wire: bytes, offset: int) -> str:
+    """The lower-cased name at `offset`, compression pointers followed, without trailing dot; `""` for the root.
+    Raises ValueError past 128 labels and pointers (a loop) or on a label past the end."""
+    labels: list[str] = []
+    for _ in range(128):
+        length = wire[offset]
+        if length == 0:
+            return ".".join(labels)
+        if length >= 0xC0:
+            offset = (length & 0x3F) << 8 | wire[offset + 1]
+            continue
+        if length > 63 or offset + 1 + length > len(wire):
+            raise ValueError("a label past the end of the message")
+        labels.append(wire[offset + 1:offset + 1 + length].decode("latin-1").lower())
+        offset += length + 1
+    raise ValueError("a name that loops")
 
 
 class _Usable(Protocol):

@@ -42,6 +42,8 @@ class _Entry:
     stored_at: float
     lifetime: float
     recently_used: bool = False  # answered from the cache (fresh or stale) since an eviction last passed it over
+    targets: tuple[str, ...] = ()
+    addresses: tuple[str, ...] = ()
 
 
 class UpstreamAnswer(NamedTuple):
@@ -53,6 +55,13 @@ class UpstreamAnswer(NamedTuple):
     offsets: tuple[int, ...]
     lifetime: float
     fetched: bool = False
+    targets: tuple[str, ...] = ()  # the names its answer section points at (CNAME, DNAME, HTTPS/SVCB targets)
+    addresses: tuple[str, ...] = ()  # the addresses it gives
+
+    @property
+    def leads_elsewhere(self) -> bool:
+        """Whether the answer has names or addresses to judge besides the question's name."""
+        return bool(self.targets or self.addresses)
 
 
 def age_ttls(wire: bytes, start: int, offsets: tuple[int, ...], elapsed: int, floor: int = 0) -> bytes:
@@ -156,7 +165,8 @@ class Forwarder:
         else:
             try:
                 entry = self._store(question, result)
-                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime, True)
+                answer = UpstreamAnswer(entry.wire, entry.question_end, entry.offsets, entry.lifetime, True,
+                                        entry.targets, entry.addresses)
             except Exception as exc:  # a bug: the waiters must not wait forever
                 log.exception("internal error reading an upstream answer")
                 answer = UpstreamFailure(repr(exc))
@@ -170,7 +180,8 @@ class Forwarder:
     def _store(self, question: bytes, records: Records) -> _Entry:
         """The answer as an entry, cached when it may be: NOERROR or NXDOMAIN, with a TTL of a second or more."""
         wire = records.wire
-        entry = _Entry(wire, records.ttl_offsets, records.question_end, time.monotonic(), 0.0)
+        entry = _Entry(wire, records.ttl_offsets, records.question_end, time.monotonic(), 0.0,
+                       targets=records.targets, addresses=records.addresses)
         smallest_ttl = records.smallest_ttl
         if wire[3] & 0x0F in (0, 3) and smallest_ttl is not None:  # the SOA's TTL for negatives
             entry.lifetime = min(self.max_ttl, smallest_ttl)
@@ -194,13 +205,14 @@ class Forwarder:
         DNS_STALE_ANSWERS.inc()
         entry.recently_used = True
         wire = age_ttls(entry.wire, entry.question_end, entry.offsets, 10**9, floor=STALE_TTL)
-        return UpstreamAnswer(wire, entry.question_end, entry.offsets, 0.0)
+        return UpstreamAnswer(wire, entry.question_end, entry.offsets, 0.0, False, entry.targets, entry.addresses)
 
     @staticmethod
     def _aged(entry: _Entry, now: float) -> UpstreamAnswer:
         elapsed = int(now - entry.stored_at)
         wire = age_ttls(entry.wire, entry.question_end, entry.offsets, elapsed)
-        return UpstreamAnswer(wire, entry.question_end, entry.offsets, max(0.0, entry.lifetime - elapsed))
+        return UpstreamAnswer(wire, entry.question_end, entry.offsets, max(0.0, entry.lifetime - elapsed), False,
+                              entry.targets, entry.addresses)
 
 
 def _ignore(result: UpstreamAnswer | UpstreamFailure) -> None:

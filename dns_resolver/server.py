@@ -30,8 +30,10 @@ from dns_resolver.forwarding import OUR_OPT, Forwarder, UpstreamAnswer
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
+from policy.destination import listed_address
 from policy.engine import decide
 from policy.metrics import (
+    DNS_ANSWER_BLOCKS,
     DNS_CACHE_BYTES,
     DNS_CACHE_LIMIT,
     DNS_ERRORS,
@@ -90,6 +92,17 @@ class PlainPlan(NamedTuple):
     ttl_cap: int
     view: object | None
     count_device: str | None
+    client: Client  # who asked: the names and addresses of the answer are judged for them too
+    snapshot: Snapshot
+
+
+class Judged(NamedTuple):
+    """What an upstream answer leads to, judged: the verdict that blocks it (and the name or address that did),
+    or None; and the TTL cap the judged names allow."""
+
+    blocked: Verdict | None
+    via: str | None
+    ttl_cap: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +258,7 @@ class DnsFront:
         elif decision.action is Action.REWRITE and decision.rewrite_to:
             reply = await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
         else:
-            reply = await self._forward(request, ttl_cap)
+            reply = await self._forward(request, ttl_cap, client, snapshot, now)
         return reply, labels, client.device if decision.counts_screen_time else None
 
     def _verdict(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Verdict:
@@ -273,7 +286,10 @@ class DnsFront:
             self.count_minute(client.device)
         return verdict
 
-    def _block_reply(self, request: DNSRecord, decision: Verdict, snapshot: Snapshot, ttl: int) -> DNSRecord:
+    def _block_reply(self, request: DNSRecord, decision: Verdict, snapshot: Snapshot, ttl: int,
+                     via: str | None = None) -> DNSRecord:
+        """The block answer for the question; `via`: the chained name or address of the answer that was blocked,
+        named in the extended error text."""
         settings = snapshot.rules.server.dns
         question = request.questions[0]
         reply = request.reply()
@@ -287,8 +303,9 @@ class DnsFront:
             address = settings.blockpage_ipv6 if settings.block_answer is BlockAnswer.BLOCKPAGE else "::"
             if address:
                 reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=ttl))
+        text = decision.extended_text + (f" (via {via})" if via else "")
         return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", decision.extended_error)
-                                                     + decision.extended_text.encode()))
+                                                     + text.encode()))
 
     async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> _Reply:
         question = request.questions[0]
@@ -296,7 +313,7 @@ class DnsFront:
         ttl = min(ttl_cap, 300)
         reply.add_answer(RR(question.qname, QTYPE.CNAME, rdata=CNAME(target + "."), ttl=ttl))
         if question.qtype in (QTYPE.A, QTYPE.AAAA):
-            target_answer, _ = await self._upstream(target, question.qtype)
+            target_answer, _, _ = await self._upstream(target, question.qtype)
             if target_answer.header.rcode != RCODE.NOERROR:
                 return _Reply(_with_edns(request, reply))
             for rr in target_answer.rr:
@@ -305,12 +322,19 @@ class DnsFront:
                     reply.add_answer(rr)
         return _Reply(_with_edns(request, reply), _min_ttl(reply))
 
-    async def _forward(self, request: DNSRecord, ttl_cap: int) -> _Reply:
-        upstream_answer, lifetime = await self._upstream(str(request.q.qname), request.q.qtype)
+    async def _forward(self, request: DNSRecord, ttl_cap: int, client: Client, snapshot: Snapshot,
+                       now: datetime) -> _Reply:
+        upstream_answer, lifetime, raw = await self._upstream(str(request.q.qname), request.q.qtype)
         if upstream_answer.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
             failed = _rcode_reply(request, upstream_answer.header.rcode)
             failed.header.ra = 1
             return _Reply(_with_edns(request, failed))
+        if raw is not None and raw.leads_elsewhere:
+            judged = self.judge_answer(raw, client, snapshot, now, ttl_cap)
+            if judged.blocked is not None:
+                ttl = min(judged.ttl_cap, BLOCK_TTL)
+                return _Reply(self._block_reply(request, judged.blocked, snapshot, ttl, judged.via), ttl)
+            ttl_cap = judged.ttl_cap
         reply = request.reply()
         reply.header.rcode = upstream_answer.header.rcode
         reply.header.ra = 1
@@ -324,17 +348,41 @@ class DnsFront:
                 reply.add_ar(rr)
         return _Reply(_with_edns(request, reply), min(lifetime, ttl_cap) if reply.rr or reply.auth else 0)
 
-    async def _upstream(self, name: str, qtype: int) -> tuple[DNSRecord, float]:
-        """The upstream answer for (name, type) and how long it stays valid; SERVFAIL when no upstream answers
-        and nothing is cached, not even stale."""
+    def judge_answer(self, answer: UpstreamAnswer, client: Client, snapshot: Snapshot, now: datetime,
+                     ttl_cap: int) -> Judged:
+        """Decide every name the answer points at (CNAME, DNAME, HTTPS/SVCB targets) as if the client had asked
+        it, and look up every address it gives in the address lists: an unlisted name that is an alias of a
+        blocked one, or that resolves to a listed resolver's address, is blocked with it. The answer's TTLs are
+        capped by the judged names' decisions too."""
+        for target in answer.targets:
+            try:
+                name = normalize_domain(target)
+            except NameRejected:
+                continue  # no client can ask for it by that name; its addresses are judged below
+            verdict = self._verdict(snapshot, client, name, now)
+            if verdict.action in (Action.BLOCK, Action.REFUSE):
+                DNS_ANSWER_BLOCKS.labels(verdict.labels[2], verdict.labels[3]).inc()
+                return Judged(verdict, name, ttl_cap)
+            ttl_cap = min(ttl_cap, self._ttl_cap(verdict, snapshot, now))
+        for address in answer.addresses:
+            listed = listed_address(client, address, now, snapshot)
+            if listed is not None:
+                verdict = Verdict.of(listed)
+                DNS_ANSWER_BLOCKS.labels(verdict.labels[2], verdict.labels[3]).inc()
+                return Judged(verdict, address, ttl_cap)
+        return Judged(None, None, ttl_cap)
+
+    async def _upstream(self, name: str, qtype: int) -> tuple[DNSRecord, float, UpstreamAnswer | None]:
+        """The upstream answer for (name, type), how long it stays valid, and its bytes with what they lead to;
+        SERVFAIL (and None) when no upstream answers and nothing is cached, not even stale."""
         try:
             answer = await self.forwarder.answer(question_bytes(name, qtype))
         except UpstreamFailure:
             DNS_ERRORS.labels("upstream").inc()
             failed = DNSRecord.question(name, QTYPE[qtype]).reply()
             failed.header.rcode = RCODE.SERVFAIL
-            return failed, 0.0
-        return DNSRecord.parse(answer.wire), answer.lifetime
+            return failed, 0.0, None
+        return DNSRecord.parse(answer.wire), answer.lifetime, answer
 
     def plan_plain(self, query: PlainQuery, client: Client, snapshot: Snapshot, view: object | None,
                    started: float) -> PlainPlan | None:
@@ -351,21 +399,29 @@ class DnsFront:
             return None
         QUERIES.inc(*decision.labels)
         return PlainPlan(started, decision.labels, self._ttl_cap(decision, snapshot, now), view,
-                         client.device if decision.counts_screen_time else None)
+                         client.device if decision.counts_screen_time else None, client, snapshot)
 
-    @staticmethod
-    def finish_plain(packet: bytes, query: PlainQuery, plan: PlainPlan,
-                     upstream: UpstreamAnswer | UpstreamFailure) -> Answered:
+    def finish_plain(self, packet: bytes, query: PlainQuery, plan: PlainPlan,
+                     upstream: UpstreamAnswer | UpstreamFailure) -> Answered | None:
+        """The reply to a forwarded plain query; None when its answer leads to something blocked (the dnslib path
+        then builds the block answer)."""
         if isinstance(upstream, UpstreamFailure):
             DNS_ERRORS.labels("upstream").inc()
             return Answered(_servfail(packet, query))
         if upstream.wire[3] & 0x0F not in _PASSED_RCODES:
             return Answered(_servfail(packet, query))
-        reply = client_reply(packet, query, upstream, plan.ttl_cap)
+        ttl_cap = plan.ttl_cap
+        if upstream.targets or upstream.addresses:
+            judged = self.judge_answer(upstream, plan.client, plan.snapshot,
+                                       datetime.fromtimestamp(self.clock(), UTC), ttl_cap)
+            if judged.blocked is not None:
+                return None
+            ttl_cap = judged.ttl_cap
+        reply = client_reply(packet, query, upstream, ttl_cap)
         DNS_LATENCY.observe(time.perf_counter() - plan.started)
         # Just fetched, the answer is cached upstream-side only: most names are asked once (on a busy day, and in
         # the benchmark's mixed load), and the reply cache takes the answer when it is asked again.
-        lifetime = min(upstream.lifetime, plan.ttl_cap) if upstream.offsets and not upstream.fetched else 0.0
+        lifetime = min(upstream.lifetime, ttl_cap) if upstream.offsets and not upstream.fetched else 0.0
         return Answered(reply, lifetime, plan.labels, plan.view, True, plan.count_device, upstream.offsets)
 
     @staticmethod
@@ -605,7 +661,9 @@ class _UdpListener:
         except Exception:
             DNS_ERRORS.labels("internal").inc()
             log.exception("internal error on the bytes path; answering through dnslib")
-            self._answer_later(data, addr, query)
+            answered = None
+        if answered is None:
+            self._answer_later(data, addr, query)  # blocked by what the answer leads to, or a bug: dnslib answers
             return
         self._deliver(answered, data, addr, query)
 

@@ -40,15 +40,25 @@ def decide_destination(client: Client, address: IPAddress, port: int, at: dateti
         return _blocked(client, at, snapshot, f"{address}:{port} is {where}: the proxy does not connect there "
                         "(an admin lists the internal hosts pupils may reach in server.proxy.internal_hosts)",
                         rule="server.proxy.deny_networks")
+    return listed_address(client, str(address), at, snapshot)
+
+
+def listed_address(client: Client, address: str, at: datetime, snapshot: Snapshot) -> Decision | None:
+    """A BLOCK decision when `address` (canonical text) is listed in an always-blocked category or in one the
+    client's profile blocks — a DoH resolver or VPN endpoint reached under a name no list has — else None. Used
+    for the address the proxy connects to and for every address a DNS answer gives."""
+    found = snapshot.lists.lookup_domain(address)
+    if not found:
+        return None  # the usual case, before any schedule is looked at
     in_force = snapshot.profile_in_force(client.group, at)
     compiled = snapshot.profiles[in_force.profile]
-    hit = snapshot.lists.lookup_domain(str(address)) & (snapshot.always_block_mask | compiled.block_mask)
-    if hit:
-        refs = ", ".join(snapshot.lists.refs_in(hit))
-        names = tuple(name for name, mask in (*snapshot.always_block, *compiled.blocked_categories) if hit & mask)
-        return _blocked(client, at, snapshot, f"{address} is listed in {refs}: a name that leads there is blocked "
-                        "with it", rule="destination address", categories=names, profile=in_force.profile)
-    return None
+    hit = found & (snapshot.always_block_mask | compiled.block_mask)
+    if not hit:
+        return None
+    refs = ", ".join(snapshot.lists.refs_in(hit))
+    names = tuple(name for name, mask in (*snapshot.always_block, *compiled.blocked_categories) if hit & mask)
+    return _blocked(client, at, snapshot, f"{address} is listed in {refs}: a name that leads there is blocked with "
+                    "it", rule="destination address", categories=names, profile=in_force.profile)
 
 
 def _blocked(client: Client, at: datetime, snapshot: Snapshot, explanation: str, *, rule: str,

@@ -75,6 +75,9 @@ REPLY_CACHE = LabelCounter("vigie_dns_reply_cache", "Plain queries answered from
 DNS_LATENCY = FastHistogram("vigie_dns_answer_seconds", "Time from a query's arrival to its answer",
                             buckets=(0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
                                      1, 2.5))
+DNS_ANSWER_BLOCKS = Counter("vigie_dns_answer_blocks", "Allowed questions blocked because their upstream answer led "
+                            "to a blocked name (CNAME, DNAME, HTTPS/SVCB target) or a listed address, by reason and "
+                            "category", ["reason", "category"])
 DNS_RATE_LIMITED = Counter("vigie_dns_rate_limited", "UDP queries dropped: their client went over dns.rate_limit")
 DNS_STALE_ANSWERS = Counter("vigie_dns_stale_answers", "Answers served stale (RFC 8767): no upstream answered")
 DNS_ERRORS = Counter("vigie_dns_errors", "Queries answered SERVFAIL or FORMERR, or whose answer could not be sent, "

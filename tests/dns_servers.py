@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Self
 
-from dnslib import QTYPE, RR, A, DNSRecord
+from dnslib import CNAME, QTYPE, RD, RR, A, DNSRecord
 
 from tests.conftest import REPO
 
@@ -51,6 +51,12 @@ class UpstreamServer:
         self.packets: list[bytes] = []
         self.truncate = False
         self.drop_next = 0  # queries to receive (and record) without answering, as if lost on the way
+        # Names answered another way: `aliases` by a CNAME to another name (then that name's A records, as a
+        # recursive resolver gives them), `address_of` by a given A address, `https_targets` by an HTTPS record
+        # naming another host (for HTTPS questions).
+        self.aliases: dict[str, str] = {}
+        self.address_of: dict[str, str] = {}
+        self.https_targets: dict[str, str] = {}
         self.tcp_asked: list[str] = []
         self.sock, self.listener = self._bind(tcp)
         self.port: int = self.sock.getsockname()[1]
@@ -142,8 +148,25 @@ class UpstreamServer:
     def _reply(self, request: DNSRecord) -> DNSRecord:
         reply = request.reply()
         question = request.questions[0]
+        asked = str(question.qname).rstrip(".").lower()
         if self.mode == "servfail":
             reply.header.rcode = 2
+        elif asked in self.https_targets and question.qtype == QTYPE.HTTPS:
+            target = self.https_targets[asked]
+            # SvcPriority 1, the target name, no parameters (RFC 9460 §2.2).
+            rdata = b"\x00\x01" + b"".join(bytes((len(p),)) + p.encode() for p in target.split(".")) + b"\x00"
+            reply.add_answer(RR(question.qname, QTYPE.HTTPS, rdata=RD(rdata), ttl=self.ttl))
+        elif asked in self.aliases and question.qtype in (QTYPE.A, QTYPE.AAAA):
+            name = asked
+            while name in self.aliases:
+                target = self.aliases[name]
+                reply.add_answer(RR(name + ".", QTYPE.CNAME, rdata=CNAME(target + "."), ttl=self.ttl))
+                name = target
+            if question.qtype == QTYPE.A:
+                reply.add_answer(RR(name + ".", QTYPE.A, rdata=A(self.address_of.get(name, self.address)),
+                                    ttl=self.ttl))
+        elif asked in self.address_of and question.qtype == QTYPE.A:
+            reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(self.address_of[asked]), ttl=self.ttl))
         elif question.qtype == QTYPE.A:
             base = self.address.rsplit(".", 1)[0]
             for index in range(self.records):

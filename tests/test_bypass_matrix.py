@@ -85,15 +85,32 @@ DNS_ATTEMPTS = [
     Attempt("a query carrying a client subnet", ("+subnet=203.0.113.0/24", "roblox.com"), "NXDOMAIN"),
     Attempt("Google without safe search", ("www.google.com",), "forcesafesearch.google.com."),
     Attempt("YouTube without restriction", ("www.youtube.com",), "restrict.youtube.com."),
+    Attempt("an unlisted name that is an alias (CNAME) of a blocked game", ("play.pupil.example",), "NXDOMAIN"),
+    Attempt("a chain of aliases ending at a blocked name", ("deep.pupil.example",), "NXDOMAIN"),
+    Attempt("an alias of a DoH resolver", ("doh.pupil.example",), "NXDOMAIN"),
+    Attempt("an alias of a VPN service, over TCP", ("+tcp", "vpn.pupil.example"), "NXDOMAIN"),
+    Attempt("an unlisted name resolving to a listed DoH resolver's address", ("resolver.pupil.example",), "NXDOMAIN"),
+    Attempt("an HTTPS record pointing at a blocked name", ("svc.pupil.example", "TYPE65"), "NXDOMAIN"),
+    Attempt("an alias of an allowed name", ("fine.pupil.example",), "NOERROR"),
 ]
+# How the loopback upstream answers the names above, as a pupil's own domain would be set up.
+PUPIL_DOMAIN = {
+    "aliases": {"play.pupil.example": "roblox.com", "deep.pupil.example": "hop.pupil.example",
+                "hop.pupil.example": "www.roblox.com", "doh.pupil.example": "dns.google",
+                "vpn.pupil.example": "hidemyname.example", "fine.pupil.example": "cdn.allowed.example"},
+    "address_of": {"resolver.pupil.example": "1.1.1.1"},
+    "https_targets": {"svc.pupil.example": "roblox.com"},
+}
 
 
 @pytest.fixture(scope="module")
 def fronts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[VigieProcess, UpstreamServer, ProxyProcess]]:
     directory = tmp_path_factory.mktemp("bypass")
     rules = write_tree(directory, FILES)
-    with UpstreamServer() as upstream, Origin(directory) as origin, \
+    with UpstreamServer(tcp=True) as upstream, Origin(directory) as origin, \
             VigieProcess(rules, free_port(), upstream.port) as dns, ProxyProcess(rules, free_port(), origin) as proxy:
+        for setting, names in PUPIL_DOMAIN.items():
+            getattr(upstream, setting).update(names)
         yield dns, upstream, proxy
 
 
@@ -109,6 +126,14 @@ def test_dns_the_case_a_client_chose_comes_back_as_asked(
     dns, _, _ = fronts
     answer = dig(dns.dns_port, "ExAmPlE.oRg")
     assert ";ExAmPlE.oRg." in answer and "ExAmPlE.oRg.\t" in answer, answer  # 0x20: question and answer
+
+
+def test_dns_a_blocked_alias_names_the_chained_name_and_its_category(
+        fronts: tuple[VigieProcess, UpstreamServer, ProxyProcess]) -> None:
+    dns, _, _ = fronts
+    for _ in range(2):  # the second answer comes from the reply cache: it keeps the chain's verdict
+        answer = dig(dns.dns_port, "play.pupil.example")
+        assert "NXDOMAIN" in answer and "games (via roblox.com)" in answer, answer
 
 
 def test_dns_a_client_subnet_never_reaches_the_upstream(

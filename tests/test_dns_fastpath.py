@@ -11,11 +11,12 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dnslib import EDNS0, NS, QTYPE, RR, A, DNSRecord
+import pytest
+from dnslib import AAAA, CNAME, DNAME, EDNS0, NS, QTYPE, RR, A, DNSRecord
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_plain_query, read_records, ttl_offsets
+from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_name, read_plain_query, read_records, ttl_offsets
 from dns_resolver.server import _plain_name
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
@@ -101,6 +102,41 @@ def test_an_answer_is_read_once_without_its_opt_record_wherever_it_sits() -> Non
     assert read_records(wire + b"\x00", end) is None  # bytes after the last record
     empty = read_records(question.reply().pack(), end)
     assert empty is not None and empty.ttl_offsets == () and empty.smallest_ttl is None
+
+
+def test_an_answer_tells_every_name_it_points_at_and_every_address_it_gives() -> None:
+    question = DNSRecord.question("Play.Pupil.example")
+    answer = question.reply()
+    answer.add_answer(RR("play.pupil.example", QTYPE.CNAME, rdata=CNAME("Hop.Pupil.Example"), ttl=300))
+    answer.add_answer(RR("hop.pupil.example", QTYPE.DNAME, rdata=DNAME("roblox.com"), ttl=300))
+    answer.add_answer(RR("roblox.com", QTYPE.A, rdata=A("192.0.2.7"), ttl=300))
+    answer.add_answer(RR("roblox.com", QTYPE.AAAA, rdata=AAAA("2001:db8::7"), ttl=300))
+    answer.add_auth(RR("pupil.example", QTYPE.NS, rdata=NS("ns.other.example"), ttl=900))  # not the answer
+    wire = answer.pack()  # dnslib compresses the names: pointers are followed
+    records = read_records(wire, len(question.pack()))
+    assert records is not None
+    assert records.targets == ("hop.pupil.example", "roblox.com")
+    assert records.addresses == ("192.0.2.7", "2001:db8::7")
+
+
+def test_a_name_that_loops_or_runs_past_the_end_makes_the_answer_unreadable() -> None:
+    assert read_name(b"\x03abc\x00", 0) == "abc" and read_name(b"\x00", 0) == ""
+    with pytest.raises(ValueError):
+        read_name(b"\xc0\x00", 0)  # a pointer to itself
+    with pytest.raises((ValueError, IndexError)):
+        read_name(b"\x05ab", 0)
+    question = DNSRecord.question("loop.example")
+    end = len(question.pack())
+    cname = b"\xc0\x0c\x00\x05\x00\x01\x00\x00\x01\x2c\x00\x02" + struct.pack("!H", 0xC000 | end + 12)
+    wire = question.reply().pack()
+    wire = wire[:6] + b"\x00\x01" + wire[8:] + cname  # one answer, a CNAME whose target points at itself
+    assert read_records(wire, end) is None
+
+
+@given(st.binary(max_size=300))
+def test_any_bytes_as_an_answer_are_read_or_refused(tail: bytes) -> None:
+    question = DNSRecord.question("any.example").pack()
+    read_records(question[:6] + b"\x00\x02" + question[8:] + tail, len(question))  # never raises
 
 
 def test_only_plain_host_names_take_the_bytes_path() -> None:
@@ -216,8 +252,12 @@ def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path:
         assert 0.95 * 1_000_000 <= sum(limits.values()) <= 1_000_000, "each of the 2 workers gets half of 2MB"
         for cache, limit in limits.items():
             assert gauges[("vigie_dns_cache_bytes", cache)] <= limit, cache
-        assert gauges[("vigie_dns_cache_bytes", "replies")] >= 0.8 * limits["replies"], "1,500 names filled it"
-        assert gauges[("vigie_dns_cache_bytes", "decisions")] >= 0.8 * limits["decisions"]
+    # The bound was reached: the kernel hands each query to whichever worker reads first, so on a busy machine one
+    # worker may take most of them (and both asks of most names); at least that one's reply cache is full.
+    for cache in ("replies", "decisions"):
+        filled = [gauges[("vigie_dns_cache_bytes", cache)] / gauges[("vigie_dns_cache_limit_bytes", cache)]
+                  for gauges in workers]
+        assert max(filled) >= 0.8, (cache, filled)
 
 
 def queries_answered(port: int) -> float:
