@@ -37,7 +37,7 @@ from filter_proxy.rewrite import enforce_safe_search, portal_redirect
 from policy.clients import Client
 from policy.decision import Action, Decision, Query, Reason
 from policy.destination import decide_destination, port_allowed
-from policy.engine import decide
+from policy.engine import decide, next_allowed
 from policy.metrics import (
     BLOCK_PAGES,
     PAC_SERVED,
@@ -215,10 +215,11 @@ class VigieAddon:
         # URL rules see the path as a server reads it: `/%61dult`, `//adult` and `/x/../adult` are `/adult`.
         path = normalize_path(flow.request.path)
         url = f"{flow.request.scheme}://{host}{path}"
-        decision = self._counted(decide(Query(client, host, at, path, url), snapshot, self._state()))
+        query = Query(client, host, at, path, url)
+        decision = self._counted(decide(query, snapshot, self._state()))
         PROXY_REQUESTS.labels(*decision.labels).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
-            self._block(flow, host, decision, snapshot, at)
+            self._block(flow, host, decision, snapshot, at, query=query)
             return
         for opened_for in self._names_of_connection(flow):
             other = normalize_host(opened_for)
@@ -231,7 +232,7 @@ class VigieAddon:
             if other is not None:
                 other_decision = self._decide(client, other, snapshot)
                 if other_decision.action in (Action.BLOCK, Action.REFUSE):
-                    self._block(flow, other, other_decision, snapshot, at)
+                    self._block(flow, other, other_decision, snapshot, at, query=Query(client, other, at))
                     return
             decision = Decision(Action.BLOCK, Reason.BYPASS,
                                 f"request for {host} on a connection opened for {opened_for}",
@@ -275,9 +276,10 @@ class VigieAddon:
                 why = "deny_networks" if refused.rule == "server.proxy.deny_networks" else "address_list"
                 self._refuse_destination(data, why, f"{name}: {refused.explanation}")
                 return
-        if literal is None:
-            self._pinned[data.server.id] = Pinned(name, str(addresses[0]))
-            data.server.address = (str(addresses[0]), port)
+        judged = str(addresses[0])
+        if judged != name:  # a name, or an address spelled another way: connect to what was judged
+            self._pinned[data.server.id] = Pinned(name, judged)
+            data.server.address = (judged, port)
 
     def _names_of_connection(self, flow: http.HTTPFlow) -> list[str]:
         """The names a request's connection was opened for, beside its Host header: the TLS name (SNI), and the
@@ -391,15 +393,17 @@ class VigieAddon:
             enforce_safe_search(flow.request, target.provider, profile.safe_search)
 
     def _block(self, flow: http.HTTPFlow, host: str, decision: Decision, snapshot: Snapshot, at: datetime,
-               status: int = 403) -> None:
+               status: int = 403, query: Query | None = None) -> None:
+        """Answer with the block page; `query`, when the block may end, to say when the site really opens."""
         local = at.astimezone(snapshot.clock.zone)
+        opens_at = next_allowed(query, snapshot, self._state()) if query is not None else None
         profile = snapshot.profiles.get(decision.profile or "")
         categories = tuple(
             CategoryText(ref, (info.titles if info else {}), (info.descriptions if info else {}))
             for ref in decision.lists for info in (snapshot.lists.info.get(ref),)
         ) or tuple(CategoryText(name, {}, {}) for name in decision.categories)
         facts = BlockPageFacts(host, decision, categories, local, profile.profile.message if profile else None,
-                               snapshot.generation)
+                               snapshot.generation, opens_at)
         language = preferred_language(flow.request.headers.get("Accept-Language"))
         flow.response = http.Response.make(status, render(facts, language), {
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language})

@@ -81,6 +81,7 @@ class BlockPageFacts:
     at: datetime  # local time of the request
     message: str | None = None  # the profile's own words
     rules_generation: int = 0
+    opens_at: datetime | None = None  # when this client may open the site again (None: not in the next 14 days)
 
 
 def preferred_language(accept_language: str | None) -> str:
@@ -137,8 +138,8 @@ def render(facts: BlockPageFacts, language: str) -> bytes:
                      + (f" — {e(description)}" if description and description != title else "") + "</p>")
     if facts.message:
         parts.append(f'<p class="message">{e(facts.message)}</p>')
-    if decision.until is not None:
-        parts.append(f'<p class="until">{e(text["back_at"].format(when=_when(decision.until, facts.at, text)))}</p>')
+    if facts.opens_at is not None:
+        parts.append(f'<p class="until">{e(text["back_at"].format(when=_when(facts.opens_at, facts.at, text)))}</p>')
     details = [(text["group"], decision.group), (text["profile"], decision.profile), (text["rule"], decision.rule),
                (text["time"], f"{facts.at:%d/%m/%Y %H:%M}")]
     rows = "".join(f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in details if v)

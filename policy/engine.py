@@ -1,6 +1,6 @@
 """decide(query, snapshot, state) -> Decision: pure, deterministic (the time is an input), no I/O.
 
-Precedence, first that applies wins (README, "How Vigie decides"):
+Precedence, first that applies wins (docs/rules.md, "How Vigie decides"):
  1. unknown client refused
  2. teacher overrides for the device, then the group: a domain allow/block (most specific domain wins), then lock
  3. the profile's deny and allow lists, URL rules before domain rules, the most specific entry winning (a tie
@@ -19,7 +19,7 @@ time, or the soonest a budget can run out (a device uses at most one minute per 
 
 from __future__ import annotations
 
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 
 from blocklists.bundled_data import SafeSearchLevel
 from blocklists.names import ip_literal, parent_domains
@@ -35,7 +35,7 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
     if client is None:
         return Decision(Action.REFUSE, Reason.UNKNOWN_CLIENT,
                         "unknown client: rules.yaml refuses clients outside its groups (devices.unknown)")
-    host, at = query.host, query.at
+    host, at = query.host, query.at.astimezone(UTC)  # every "until" below is a real instant (UTC arithmetic)
     in_force = snapshot.profile_in_force(client.group, at)
     compiled = snapshot.profiles[in_force.profile]
     profile = compiled.profile
@@ -210,13 +210,13 @@ def _trail_opening(group: str, matched_by: str, in_force: ProfileInForce, snapsh
         return memo[1]
     lines = (f"client → group {group} ({matched_by})",
              f"profile {in_force.profile} in force ({_why_profile(in_force.rule, group, snapshot)})"
-             f"{_until_text(in_force.until)}")
+             f"{_until_text(in_force.until, snapshot)}")
     snapshot.trail_memo[(group, matched_by)] = (in_force, lines)
     return lines
 
 
-def _until_text(until: datetime | None) -> str:
-    return f" until {until:%Y-%m-%d %H:%M}" if until else ""
+def _until_text(until: datetime | None, snapshot: Snapshot) -> str:
+    return f" until {until.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}" if until else ""
 
 
 def _clock(at: datetime, snapshot: Snapshot) -> str:
@@ -233,4 +233,24 @@ def _earliest(first: datetime | None, second: datetime | None) -> datetime | Non
 
 def _next_midnight(at: datetime, snapshot: Snapshot) -> datetime:
     local = at.astimezone(snapshot.clock.zone)
-    return datetime.combine(local.date() + timedelta(days=1), time(0), tzinfo=snapshot.clock.zone)
+    return datetime.combine(local.date() + timedelta(days=1), time(0), tzinfo=snapshot.clock.zone).astimezone(UTC)
+
+
+OPENING_HORIZON = timedelta(days=14)
+
+
+def next_allowed(query: Query, snapshot: Snapshot, state: StateView,
+                 horizon: timedelta = OPENING_HORIZON) -> datetime | None:
+    """The first instant after `query.at` at which the same client would be allowed the same host (or URL), within
+    `horizon`; None when not in that time. Not the next schedule change — a site blocked by every profile stays
+    blocked through the night profile — but the decision walked from each change to the next: schedules,
+    holidays, dates, budgets that reset at midnight, overrides that end."""
+    limit = query.at + horizon
+    at = query.at
+    decision = decide(query, snapshot, state)
+    while decision.action in (Action.BLOCK, Action.REFUSE):
+        if decision.until is None or decision.until > limit or decision.until <= at:
+            return None
+        at = decision.until
+        decision = decide(query._replace(at=at), snapshot, state)
+    return at.astimezone(UTC) if at != query.at else None

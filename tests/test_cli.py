@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,26 @@ def test_explain_rejects_a_bad_time(tmp_path: Path) -> None:
     assert result.returncode == 1 and "--at 'tomorrow' is not a date and time" in result.stderr
 
 
+def test_explain_refuses_a_time_the_clocks_skip_and_names_the_pass_of_one_they_repeat(tmp_path: Path) -> None:
+    rules = write_tree(tmp_path, {"rules.yaml": BASE.replace('time: "08:30-16:30"', 'time: "02:15-02:45"')
+                                  .replace("days: [mon-fri]", "days: [sun]"), "city.txt": "roblox.com\n"})
+    ask = ("explain", "--rules", str(rules), "--client", "10.20.1.17", "--no-state", "--at")
+    skipped = vigie(*ask, "2027-03-28T02:30", "lumni.fr")
+    assert skipped.returncode == 1
+    assert "02:30 on 2027-03-28 does not exist in Europe/Paris: clocks go from 02:00 to 03:00" in skipped.stderr
+    first = vigie(*ask, "2026-10-25T02:30", "lumni.fr")
+    assert "at Sunday 2026-10-25 02:30 CEST" in first.stdout
+    assert "this is the first pass, 02:30 CEST (+02:00); for the second, write --at 2026-10-25T02:30+01:00" \
+        in first.stdout
+    second = vigie(*ask, "2026-10-25T02:30+01:00", "lumni.fr")
+    assert "at Sunday 2026-10-25 02:30 CET" in second.stdout and "note:" not in second.stdout
+    # Both passes are inside 02:15-02:45, and each holds until its own pass ends (not an hour later).
+    assert "profile class in force" in first.stdout and "holds until: 2026-10-25 02:45" in first.stdout
+    assert "profile class in force" in second.stdout and "holds until: 2026-10-25 02:45" in second.stdout
+    same_instant = vigie(*ask, "2027-03-28T01:20+00:00", "lumni.fr")  # 03:20 CEST, after the line that never held
+    assert "at Sunday 2027-03-28 03:20 CEST" in same_instant.stdout and "profile home" in same_instant.stdout
+
+
 def test_explain_includes_the_overrides_in_the_state_store(tmp_path: Path) -> None:
     rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\n"})
     made = vigie("override", "allow", "--rules", str(rules), "--group", "cm2-a", "--domain", "roblox.com",
@@ -112,3 +133,22 @@ def test_the_services_do_not_load_what_only_other_commands_use() -> None:
              "print(sorted({m.split('.')[0] for m in sys.modules} & {'cryptography', 'segno', 'mitmproxy', 'bcrypt'}))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=REPO, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
+def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
+    """`vigie explain ... | head -1`: the pipe closes before vigie has written everything."""
+    rules = write_tree(tmp_path, {"rules.yaml": """
+        groups:
+          school: {networks: [10.20.1.0/24], profile: class}
+        profiles:
+          class: {deny: [tiktok.com]}
+        always_block: []
+        """})
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte
+    with os.fdopen(write_end, "wb") as closed_pipe:
+        result = subprocess.run([sys.executable, "-m", "vigie", "explain", "--rules", str(rules), "--client",
+                                 "10.20.1.5", "tiktok.com"], stdout=closed_pipe, stderr=subprocess.PIPE, text=True,
+                                timeout=60)
+    assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
+    assert result.returncode == 141

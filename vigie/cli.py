@@ -5,16 +5,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from blocklists.errors import NameRejected, VigieError
 from blocklists.names import normalize_host, normalize_path
-from policy.decision import Query
-from policy.engine import decide
+from policy.decision import Action, Query
+from policy.engine import OPENING_HORIZON, decide, next_allowed
 from policy.errors import ConfigError, ConfigProblem, Severity
 from policy.snapshot import Snapshot
 from policy.state import EMPTY_STATE, StateView
@@ -30,12 +31,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(logging.DEBUG if args.verbose else logging.INFO)
     try:
         result: int = args.handler(args)
+        sys.stdout.flush()  # here, where a reader that has gone (`| head`) is caught below, not at exit
         return result
     except VigieError as exc:
         print(f"vigie: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `vigie explain ... | head`: the reader has gone; what it took is all it wanted. Python would print a
+        # traceback when it flushes stdout at exit, so stdout is pointed at nothing first.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command a pipe closed on
 
 
 _CONTROL_CHARACTERS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)} | {0x2028: "\\u2028",
@@ -160,15 +167,36 @@ def parse_target(raw: str) -> tuple[str, str | None, str | None]:
     return normalize_host(host), path, url
 
 
-def parse_local_time(text: str | None, snapshot: Snapshot) -> datetime:
+def parse_local_time(text: str | None, snapshot: Snapshot) -> tuple[datetime, str | None]:
+    """`--at` as an instant, and a note when its local time happens twice that day. A local time that does not
+    exist (inside the hour clocks skip) is refused, saying so; an explicit offset (`+01:00`) is taken as written."""
     zone = snapshot.clock.zone
     if text is None:
-        return datetime.now(zone)
+        return datetime.now(zone), None
     try:
         moment = datetime.fromisoformat(text)
     except ValueError:
         raise VigieError(f"--at {text!r} is not a date and time (example: 2026-11-23T14:05)") from None
-    return moment.replace(tzinfo=zone) if moment.tzinfo is None else moment
+    if moment.tzinfo is not None:
+        return moment, None
+    passes = snapshot.clock.instants(moment.date(), moment.hour * 60 + moment.minute)
+    wall = f"{moment:%H:%M} on {moment:%Y-%m-%d}"
+    if not passes:
+        before, after = (moment.replace(minute=0) + timedelta(hours=h) for h in (0, 1))
+        raise VigieError(f"--at {text!r}: {wall} does not exist in {zone.key}: clocks go from {before:%H:%M} to "
+                         f"{after:%H:%M} that day (write another time, or an offset: {moment:%Y-%m-%dT%H:%M}"
+                         f"{_offset(before.replace(tzinfo=zone))})")
+    first = passes[0].astimezone(zone).replace(second=moment.second, microsecond=moment.microsecond)
+    if len(passes) == 1:
+        return first, None
+    second = passes[1].astimezone(zone)
+    return first, (f"{wall} happens twice (clocks go back one hour): this is the first pass, {first:%H:%M %Z} "
+                   f"({_offset(first)}); for the second, write --at {moment:%Y-%m-%dT%H:%M}{_offset(second)}")
+
+
+def _offset(moment: datetime) -> str:
+    text = f"{moment:%z}"
+    return f"{text[:3]}:{text[3:]}"
 
 
 def _stored_state(snapshot: Snapshot, local: datetime) -> tuple[StateView, str]:
@@ -197,13 +225,15 @@ def run_explain(args: argparse.Namespace) -> int:
         host, path, url = parse_target(args.target)
     except NameRejected as exc:
         raise VigieError(f"{args.target!r}: {exc}") from None
-    at = parse_local_time(args.at, snapshot)
+    at, at_note = parse_local_time(args.at, snapshot)
     client = snapshot.identify(args.client)
     local = at.astimezone(snapshot.clock.zone)
     state, state_note = (EMPTY_STATE, "without overrides and screen time (--no-state)") if args.no_state else \
         _stored_state(snapshot, local)
     decision = decide(Query(client, host, at, path, url), snapshot, state)
     print(f"{args.target} for {args.client} at {local:%A %Y-%m-%d %H:%M %Z}, {state_note}")
+    if at_note:
+        print(f"note: {at_note}")
     print(f"decision: {decision.action.value.upper()} ({decision.reason.value})")
     for step in decision.trail or (decision.explanation,):
         print(f"  - {step}")
@@ -214,4 +244,8 @@ def run_explain(args: argparse.Namespace) -> int:
             print(f"  ({ref}: {description})")
     if decision.until is not None:
         print(f"holds until: {decision.until.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}")
+    if decision.action in (Action.BLOCK, Action.REFUSE) and client is not None:
+        opens = next_allowed(Query(client, host, at, path, url), snapshot, state)
+        print("allowed again: " + (f"{opens.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}" if opens else
+                                   f"not in the next {OPENING_HORIZON.days} days"))
     return 0
