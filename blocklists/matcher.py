@@ -129,12 +129,6 @@ class DomainTable:
             exception |= found_exception
         return block & ~exception
 
-    def bits_of_names(self) -> Iterator[tuple[str, int, int]]:
-        """Every name with its block and exception masks (for tests and `vigie lists stats`)."""
-        for key in self._trie.iterkeys():
-            block, exception = self._pairs[self._combinations[self._trie.key_id(key)]]
-            yield key[::-1][1:], block, exception
-
     def save(self, directory: Path) -> None:
         self._trie.save(str(directory / _TRIE_FILE))
         _save_numbers(directory / _COMBINATIONS_FILE, self._combinations)

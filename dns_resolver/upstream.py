@@ -19,17 +19,13 @@ from dataclasses import dataclass, field
 
 from dns_resolver.fastpath import Records, read_records
 from policy.metrics import UPSTREAM_FAILURES, UPSTREAM_LATENCY, UPSTREAM_UP
+from policy.model import SocketAddress
 
 log = logging.getLogger(__name__)
 
 
 class UpstreamFailure(Exception):
     """No upstream gave a usable answer."""
-
-
-def split_host_port(text: str) -> tuple[str, int]:
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -43,10 +39,6 @@ class Upstream:
     def __post_init__(self) -> None:
         self.label = f"{self.address}:{self.port}"
         UPSTREAM_UP.labels(self.label).set(1)
-
-    @property
-    def healthy(self) -> bool:
-        return time.monotonic() >= self.down_until
 
     def failed(self) -> None:
         self.failures += 1
@@ -291,8 +283,8 @@ class _Resolution:
 
 
 class UpstreamPool:
-    def __init__(self, upstreams: tuple[str, ...], timeout: float = 1.5) -> None:
-        self.upstreams = [Upstream(*split_host_port(u)) for u in upstreams]
+    def __init__(self, upstreams: tuple[SocketAddress, ...], timeout: float = 1.5) -> None:
+        self.upstreams = [Upstream(u.host, u.port) for u in upstreams]
         self.timeout = timeout
         self.sockets = {u.label: _SocketPool(u.address, u.port) for u in self.upstreams}
         self.background: set[asyncio.Task[None]] = set()
@@ -348,7 +340,7 @@ class UpstreamPool:
 
     def order(self) -> list[Upstream]:
         now = time.monotonic()
-        healthy = [u for u in self.upstreams if now >= u.down_until]  # Upstream.healthy, one clock read for all
+        healthy = [u for u in self.upstreams if now >= u.down_until]  # not set aside: one clock read for all
         return healthy or list(self.upstreams)
 
     def resolve_later(self, query: bytes, question: bytes, outcome: Outcome) -> None:

@@ -24,8 +24,8 @@ def own_addresses(settings: ServerSettings) -> frozenset[IPAddress]:
     with contextlib.suppress(OSError):
         for info in socket.getaddrinfo(socket.gethostname(), None):
             found.update(_addresses([str(info[4][0])]))
-    listens = [*settings.dns.listen, settings.proxy_listen, settings.metrics_listen, settings.api.listen or ""]
-    found.update(_addresses(text.rpartition(":")[0].strip("[]") for text in listens))
+    listens = [*settings.dns.listen, settings.proxy_listen, settings.metrics_listen, settings.api.listen]
+    found.update(_addresses(listen.host for listen in listens if listen is not None))
     found.update(_addresses(a for a in (settings.dns.blockpage_ipv4, settings.dns.blockpage_ipv6) if a))
     return frozenset(a for a in found if not a.is_unspecified)
 

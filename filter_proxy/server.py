@@ -15,6 +15,7 @@ from mitmproxy.tools.dump import DumpMaster
 
 from blocklists.errors import VigieError
 from filter_proxy.addon import VigieAddon
+from policy.model import SocketAddress
 
 START_TIMEOUT_SECONDS = 15.0
 # mitmproxy logs every client connection at INFO: noise, and a trace of who browsed when. Warnings stay.
@@ -27,18 +28,21 @@ class ProxyHandle:
     task: asyncio.Task[None]
 
     async def stop(self) -> None:
+        # mitmproxy's shutdown leaves the listening sockets open: close them first.
+        for server in self.master.addons.get("proxyserver").servers:
+            if server.is_running:
+                with contextlib.suppress(Exception):
+                    await server.stop()
         self.master.shutdown()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self.task, 5)
 
 
-async def start_proxy(addon: VigieAddon, listen: str, mode: str, confdir: Path,
+async def start_proxy(addon: VigieAddon, listen: SocketAddress, mode: str, confdir: Path,
                       extra_options: Sequence[str] = ()) -> ProxyHandle:
     """Start mitmproxy on `listen` (`host:port`) in `mode` (`regular`, `transparent`). `extra_options` are
     mitmproxy `name=value` settings (`vigie proxy --set`). Raises VigieError when it cannot listen."""
-    host, _, port = listen.rpartition(":")
-    host = host.strip("[]")
-    opts = options.Options(listen_host=host, listen_port=int(port), mode=[mode], confdir=str(confdir))
+    opts = options.Options(listen_host=listen.host, listen_port=listen.port, mode=[mode], confdir=str(confdir))
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     master.addons.add(addon)
     try:

@@ -67,10 +67,6 @@ class Decision(NamedTuple):
     trail: tuple[str, ...] = ()
 
     @property
-    def blocked(self) -> bool:
-        return self.action is Action.BLOCK
-
-    @property
     def labels(self) -> tuple[str, str, str, str]:
         """group, action, reason, category: bounded metric labels (groups and categories come from the rules)."""
         return (self.group or "unknown", self.action.value, self.reason.value,

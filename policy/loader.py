@@ -50,6 +50,7 @@ from policy.model import (
     Schedule,
     ScheduleRule,
     ServerSettings,
+    SocketAddress,
     TimeRange,
     UrlRule,
     VpnSettings,
@@ -214,12 +215,8 @@ def parse_address(text: str) -> IPAddress:
         raise ValueError("not an IP address") from None
 
 
-def parse_listen(text: str) -> str:
-    host, sep, port = text.strip().rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError("not address:port")
-    parse_address(host.strip("[]"))
-    return text.strip()
+def parse_listen(text: str) -> SocketAddress:
+    return SocketAddress.parse(text)
 
 
 def parse_port_range(text: str) -> PortRange:
@@ -428,12 +425,8 @@ class _RulesReader:
         listen = tuple(v for f in keys["listen"].items() if (v := f.converted(parse_listen, "127.0.0.1:53")))\
             if "listen" in keys else defaults.listen
 
-        def upstream(text: str) -> str:
-            text = text.strip()
-            if ":" not in text or (text.count(":") > 1 and not text.startswith("[")):
-                parse_address(text)
-                return f"[{text}]:53" if ":" in text else f"{text}:53"
-            return parse_listen(text)
+        def upstream(text: str) -> SocketAddress:
+            return SocketAddress.parse(text, default_port=53)
 
         upstreams = tuple(v for f in keys["upstreams"].items() if (v := f.converted(upstream, "9.9.9.9")))\
             if "upstreams" in keys else defaults.upstreams

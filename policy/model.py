@@ -162,9 +162,45 @@ class Device:
 
 
 @dataclass(frozen=True)
+class SocketAddress:
+    """An IP address and a port (`127.0.0.1:5353`, `[::1]:53`), read once from rules.yaml or the command line."""
+
+    host: str  # the address in canonical text, without brackets
+    port: int
+
+    @property
+    def is_ipv6(self) -> bool:
+        return ":" in self.host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if self.is_ipv6 else f"{self.host}:{self.port}"
+
+    @classmethod
+    def parse(cls, text: str, default_port: int | None = None) -> SocketAddress:
+        """`10.0.0.5:53`, `[2001:db8::5]:53`; with `default_port`, also `10.0.0.5` and `2001:db8::5`. Raises
+        ValueError."""
+        text = text.strip()
+        host, port = text, None
+        if text.startswith("["):
+            host, _, rest = text[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else (None if not rest else "?")
+        elif text.count(":") == 1:
+            host, _, port = text.partition(":")
+        if port is None and default_port is not None:
+            port = str(default_port)
+        if port is None or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("not address:port")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError("not an IP address and port (example: 127.0.0.1:53)") from None
+        return cls(str(address), int(port))
+
+
+@dataclass(frozen=True)
 class DnsSettings:
-    listen: tuple[str, ...] = ("127.0.0.1:5353",)
-    upstreams: tuple[str, ...] = ("9.9.9.9:53", "1.1.1.1:53")
+    listen: tuple[SocketAddress, ...] = (SocketAddress("127.0.0.1", 5353),)
+    upstreams: tuple[SocketAddress, ...] = (SocketAddress("9.9.9.9", 53), SocketAddress("1.1.1.1", 53))
     block_answer: BlockAnswer = BlockAnswer.NXDOMAIN
     blockpage_ipv4: str | None = None
     blockpage_ipv6: str | None = None
@@ -178,7 +214,7 @@ class DnsSettings:
 class ApiSettings:
     """The admin API (overrides, usage): token-protected, on loopback unless the admin says otherwise."""
 
-    listen: str | None = "127.0.0.1:9180"  # None: off
+    listen: SocketAddress | None = SocketAddress("127.0.0.1", 9180)  # None: off
     token_file: str = "var/api-token"
 
 
@@ -233,11 +269,11 @@ class ProxyReach:
 @dataclass(frozen=True)
 class ServerSettings:
     dns: DnsSettings = field(default_factory=DnsSettings)
-    proxy_listen: str = "127.0.0.1:8080"
+    proxy_listen: SocketAddress = SocketAddress("127.0.0.1", 8080)
     proxy_mode: str = "regular"  # or "transparent", behind a firewall redirect
     https_block_page: bool = True  # intercept blocked HTTPS to show the page (else the CONNECT is refused)
     proxy_reach: ProxyReach = field(default_factory=ProxyReach)
-    metrics_listen: str = "127.0.0.1:9108"
+    metrics_listen: SocketAddress = SocketAddress("127.0.0.1", 9108)
     state: StoreAddress = field(default_factory=lambda: StoreAddress("sqlite", "var/state.sqlite3"))
     api: ApiSettings = field(default_factory=ApiSettings)
     data_dir: str = "var"

@@ -14,6 +14,7 @@ from dns_resolver.forwarding import ENTRY_COST, Forwarder
 from dns_resolver.server import question_bytes
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.metrics import DNS_STALE_ANSWERS
+from policy.model import SocketAddress
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import UpstreamServer, VigieProcess, dig
 from tests.test_dns_fastpath import RULES
@@ -21,10 +22,14 @@ from tests.test_dns_fastpath import RULES
 QUESTION = question_bytes("lumni.fr", 1)
 
 
+def loopback(*ports: int) -> tuple[SocketAddress, ...]:
+    return tuple(SocketAddress("127.0.0.1", port) for port in ports)
+
+
 def test_identical_questions_in_flight_go_upstream_once() -> None:
     with UpstreamServer() as upstream:
         upstream.delay = 0.3
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=1_000_000)
+        forwarder = Forwarder(UpstreamPool(loopback(upstream.port)), max_bytes=1_000_000)
 
         async def many() -> list[bytes]:
             try:
@@ -40,7 +45,7 @@ def test_identical_questions_in_flight_go_upstream_once() -> None:
 
 def test_an_answer_is_served_stale_while_every_upstream_is_down_then_no_more() -> None:
     with UpstreamServer(ttl=1) as upstream:
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), max_bytes=1_000_000,
+        forwarder = Forwarder(UpstreamPool(loopback(upstream.port), timeout=0.3), max_bytes=1_000_000,
                               stale_seconds=2)
 
         async def scenario() -> None:
@@ -67,7 +72,7 @@ def test_an_answer_is_served_stale_while_every_upstream_is_down_then_no_more() -
 
 def test_the_only_upstream_is_asked_once_more_when_its_answer_is_lost() -> None:
     with UpstreamServer() as upstream:
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",), timeout=0.3), max_bytes=1_000_000)
+        forwarder = Forwarder(UpstreamPool(loopback(upstream.port), timeout=0.3), max_bytes=1_000_000)
 
         async def scenario() -> None:
             try:
@@ -90,7 +95,7 @@ def test_the_only_upstream_is_asked_once_more_when_its_answer_is_lost() -> None:
 def test_an_upstream_answering_servfail_is_passed_over() -> None:
     with UpstreamServer() as broken, UpstreamServer(address="192.0.2.9") as working:
         broken.mode = "servfail"
-        pool = UpstreamPool((f"127.0.0.1:{broken.port}", f"127.0.0.1:{working.port}"))
+        pool = UpstreamPool(loopback(broken.port, working.port))
 
         async def ask() -> bytes:
             try:
@@ -106,7 +111,7 @@ def test_an_upstream_answering_servfail_is_passed_over() -> None:
 def test_the_answer_cache_holds_to_its_memory_budget() -> None:
     with UpstreamServer() as upstream:
         budget = 10 * (ENTRY_COST + 60)
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=budget)
+        forwarder = Forwarder(UpstreamPool(loopback(upstream.port)), max_bytes=budget)
 
         async def ask_many() -> None:
             try:
@@ -123,7 +128,7 @@ def test_a_stream_of_names_asked_once_does_not_push_out_an_answer_in_use() -> No
     """The answer cache is what serve-stale falls back on: the names in use must stay in it while thousands of names
     asked once go through."""
     with UpstreamServer() as upstream:
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=1_000_000, max_entries=3)
+        forwarder = Forwarder(UpstreamPool(loopback(upstream.port)), max_bytes=1_000_000, max_entries=3)
 
         async def ask_many() -> None:
             try:
@@ -142,7 +147,7 @@ def test_a_stream_of_names_asked_once_does_not_push_out_an_answer_in_use() -> No
 def test_a_truncated_upstream_answer_is_fetched_whole_over_tcp() -> None:
     with UpstreamServer(tcp=True) as upstream:
         upstream.truncate, upstream.records = True, 60
-        forwarder = Forwarder(UpstreamPool((f"127.0.0.1:{upstream.port}",)), max_bytes=1_000_000)
+        forwarder = Forwarder(UpstreamPool(loopback(upstream.port)), max_bytes=1_000_000)
 
         async def ask() -> bytes:
             try:

@@ -17,8 +17,9 @@ import pytest
 
 from filter_proxy.addon import VigieAddon
 from filter_proxy.ca import ensure_ca
-from filter_proxy.server import ProxyHandle, start_proxy
+from filter_proxy.server import start_proxy
 from policy.metrics import PROXY_ERRORS
+from policy.model import SocketAddress
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE, StateView
 from tests.conftest import REPO, free_port, write_tree
@@ -51,31 +52,31 @@ def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[i
         addon = VigieAddon(lambda: snapshot, state)
         ca = ensure_ca(tmp_path / "var")
         port = free_port()
-        loop = asyncio.new_event_loop()
-        started: list[ProxyHandle] = []
+        # The proxy runs in a thread under asyncio.run, which cancels what is left and closes the loop.
+        stop = threading.Event()
         ready = threading.Event()
 
         async def serve() -> None:
-            started.append(await start_proxy(addon, f"127.0.0.1:{port}", "regular", ca.confdir, (
+            handle = await start_proxy(addon, SocketAddress("127.0.0.1", port), "regular", ca.confdir, (
                 f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
-                f"ssl_verify_upstream_trusted_ca={origin.ca_file}")))
+                f"ssl_verify_upstream_trusted_ca={origin.ca_file}"))
             ready.set()
+            while not stop.is_set():
+                await asyncio.sleep(0.05)
+            await handle.stop()
 
-        thread = threading.Thread(target=loop.run_until_complete, args=(serve(),), daemon=True)
+        thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
         thread.start()
         assert ready.wait(20), "the proxy started"
-        runner = threading.Thread(target=loop.run_forever, daemon=True)
-        thread.join()
-        runner.start()
         # Trusted by the client: the origin's CA (a passed-through connection) and Vigie's (an intercepted one).
         bundle = tmp_path / "both-cas.pem"
         bundle.write_bytes(origin.ca_file.read_bytes() + ca.pem.read_bytes())
         try:
             yield port, state, bundle
         finally:
-            asyncio.run_coroutine_threadsafe(started[0].stop(), loop).result(10)
-            loop.call_soon_threadsafe(loop.stop)
-            runner.join(10)
+            stop.set()
+            thread.join(15)
+            assert not thread.is_alive(), "the proxy stopped"
 
 
 def errors(hook: str) -> float:

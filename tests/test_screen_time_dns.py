@@ -16,6 +16,7 @@ from dnslib import EDNS0, DNSRecord
 
 from dns_resolver.server import DnsFront, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
+from policy.model import SocketAddress
 from policy.snapshot import Snapshot
 from policy.state_keeper import StateKeeper
 from policy.state_store import StoreAddress, open_store
@@ -58,7 +59,8 @@ class FrontInThread:
 
         def serve() -> None:
             asyncio.set_event_loop(self.loop)
-            self.servers = self.loop.run_until_complete(start_dns_servers(front, (f"127.0.0.1:{self.port}",)))
+            listen = (SocketAddress("127.0.0.1", self.port),)
+            self.servers = self.loop.run_until_complete(start_dns_servers(front, listen))
             started.set()
             self.loop.run_forever()
 
@@ -98,7 +100,7 @@ def setup(tmp_path: Path) -> Iterator[tuple[FrontInThread, StateKeeper, FakeCloc
                          clock=clock, flush_seconds=0)  # every step writes: the test decides when
     keeper.step()
     with UpstreamServer() as upstream:
-        upstream_pool = UpstreamPool((f"127.0.0.1:{upstream.port}",))
+        upstream_pool = UpstreamPool((SocketAddress("127.0.0.1", upstream.port),))
         front = DnsFront(lambda: snapshot, lambda: keeper.view, upstream_pool, count_minute=keeper.usage.record,
                          clock=clock)
         running = FrontInThread(front)

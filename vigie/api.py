@@ -29,7 +29,7 @@ from urllib.parse import parse_qs, urlsplit
 from zoneinfo import ZoneInfo
 
 from blocklists.errors import VigieError
-from policy.model import Rules
+from policy.model import Rules, SocketAddress
 from policy.state import OverrideKind
 from policy.state_store import OverrideNotFound, StateStore, StoreUnavailable, override_to_json
 from vigie.overrides import OverrideRefused, OverrideRequest, budgets_now, make_override, report_to_json, usage_report
@@ -95,14 +95,13 @@ class _ApiError(Exception):
 
 
 class AdminApi:
-    def __init__(self, listen: str, token: str, rules: Callable[[], Rules],
+    def __init__(self, listen: SocketAddress, token: str, rules: Callable[[], Rules],
                  open_store: Callable[[], StateStore]) -> None:
         self.token = token
         self.rules = rules
         self._open_store = open_store
         self._store: StateStore | None = None
         self._store_lock = threading.Lock()
-        host, _, port = listen.rpartition(":")
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -121,9 +120,8 @@ class AdminApi:
             def log_message(self, format: str, *args: Any) -> None:
                 log.debug("api: " + format, *args)
 
-        host = host.strip("[]")
         try:
-            self.server = (_Ipv6Server if ":" in host else _Server)((host, int(port)), Handler)
+            self.server = (_Ipv6Server if listen.is_ipv6 else _Server)((listen.host, listen.port), Handler)
         except OSError as exc:
             raise VigieError(f"admin API: cannot listen on {listen}: {exc} (server.api.listen)") from None
         self._thread = threading.Thread(target=self.server.serve_forever, name="vigie-api", daemon=True)

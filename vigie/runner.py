@@ -45,7 +45,7 @@ from policy.metrics import (
     RULES_LOADED_AT,
     RULES_RELOAD_SECONDS,
 )
-from policy.model import DnsSettings, ServerSettings
+from policy.model import DnsSettings, ServerSettings, SocketAddress
 from policy.snapshot import ListCache, Snapshot
 from policy.state_keeper import StateKeeper
 from policy.state_store import open_store
@@ -158,11 +158,11 @@ class Fronts:
     """What to start, with the command line's overrides applied."""
 
     dns: DnsSettings | None
-    proxy_listen: str | None
+    proxy_listen: SocketAddress | None
     proxy_mode: str
     proxy_options: tuple[str, ...]
-    metrics_listen: str | None
-    api_listen: str | None
+    metrics_listen: SocketAddress | None
+    api_listen: SocketAddress | None
     worker: int = 0  # 0: the main process (proxy, list updates); 1..n-1: extra DNS workers
     udp_sockets: list[socket.socket] | None = None  # bound before forking, shared by the DNS workers
 
@@ -175,7 +175,7 @@ def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
             if args.dns_listen:
                 dns = dataclasses.replace(dns, listen=tuple(parse_listen(v) for v in args.dns_listen))
             if args.upstream:
-                dns = dataclasses.replace(dns, upstreams=tuple(parse_listen(v) for v in args.upstream))
+                dns = dataclasses.replace(dns, upstreams=tuple(SocketAddress.parse(v, 53) for v in args.upstream))
             if args.workers:
                 dns = dataclasses.replace(dns, workers=parse_workers(args.workers))
         proxy_listen = None
@@ -200,7 +200,7 @@ def run_services(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         print(f"{args.rules}: cannot start (run `vigie check {args.rules}`)", file=sys.stderr)
         return 1
-    # Listening addresses are read once at start: changing them needs a restart (said in the README).
+    # Listening addresses are read once at start: changing them needs a restart (said in docs/rules.md).
     fronts = _fronts(args, holder.snapshot.rules.server)
     workers = []
     try:
@@ -226,8 +226,7 @@ def _start_dns_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
         if pid == 0:  # the worker: DNS only, until SIGTERM
             metrics = None
             if fronts.metrics_listen:
-                host, _, port = fronts.metrics_listen.rpartition(":")
-                metrics = f"{host}:{int(port) + worker}"
+                metrics = dataclasses.replace(fronts.metrics_listen, port=fronts.metrics_listen.port + worker)
             code = 1
             try:
                 code = uvloop.run(_serve(holder, dataclasses.replace(
@@ -275,8 +274,8 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
                          count_minute=keeper.usage.record, rate_limit=fronts.dns.rate_limit,
                          cache=CacheBudget.share(fronts.dns.cache_bytes, fronts.dns.workers))
         dns_servers = await start_dns_servers(front, fronts.dns.listen, fronts.udp_sockets)
-        listening.append(f"DNS on {', '.join(fronts.dns.listen)} (UDP+TCP, {fronts.dns.workers} worker(s)), "
-                         f"upstreams {', '.join(fronts.dns.upstreams)}")
+        listening.append(f"DNS on {', '.join(map(str, fronts.dns.listen))} (UDP+TCP, {fronts.dns.workers} "
+                         f"worker(s)), upstreams {', '.join(map(str, fronts.dns.upstreams))}")
     if fronts.proxy_listen is not None:
         # Imported here: mitmproxy weighs ~60 MB, which a DNS-only worker does not carry.
         from filter_proxy.addon import VigieAddon
@@ -302,8 +301,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         register_screen_time_metrics(lambda: holder.snapshot, lambda: keeper.view)
     metrics = "off"
     if fronts.metrics_listen:
-        host, _, port = fronts.metrics_listen.rpartition(":")
-        start_http_server(int(port), addr=host.strip("[]"))
+        start_http_server(fronts.metrics_listen.port, addr=fronts.metrics_listen.host)
         metrics = f"http://{fronts.metrics_listen}/metrics"
     stop = asyncio.Event()
     reload_now = asyncio.Event()
