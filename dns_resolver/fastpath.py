@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from typing import NamedTuple, Protocol, TypeVar
 
 OPT_TYPE = 41
+# The largest UDP answer, whatever size the client offers: no fragments (DNS flag day 2020), and a small query
+# never draws a large answer at a spoofed address (amplification). Beyond it, TC: the client asks over TCP.
+MAX_UDP_ANSWER = 1232
 ENTRY_COST = 590  # bytes an entry takes besides the reply itself (a process's RSS growth per entry)
 SECOND_CHANCES = 8  # how many used entries an eviction may move back to the end before dropping one
 PREFETCH_AFTER = 0.9  # of an answer's lifetime
@@ -56,6 +59,8 @@ def read_plain_query(packet: bytes) -> PlainQuery | None:
         if length > 63:
             return None  # a compression pointer or a reserved label type: the slow path decides
         index += length + 1
+    if index - 11 > 255:
+        return None  # a name over 255 octets: the slow path answers FORMERR
     end = index + 5
     if end > size:
         return None
@@ -66,7 +71,7 @@ def read_plain_query(packet: bytes) -> PlainQuery | None:
         return PlainQuery(question, end, 512, False, qtype) if end == size else None
     if additional != 1 or end + 11 > size or packet[end] != 0 or packet[end + 1:end + 3] != b"\x00\x29":
         return None
-    udp_size = max(512, min(packet[end + 3] << 8 | packet[end + 4], 4096))
+    udp_size = max(512, min(packet[end + 3] << 8 | packet[end + 4], MAX_UDP_ANSWER))
     return PlainQuery(question, end, udp_size, True, qtype)
 
 

@@ -1,15 +1,18 @@
 """The DNS front: parse, identify the client, ask the engine, answer (block, safe search) or forward.
 
 Each stage either answers or passes on:
-  malformed → FORMERR · client not ours → REFUSED · decision cached or made · block → block answer ·
-  rewrite → CNAME to the safe-search endpoint + its addresses · allow → answer cache, else upstream
-Any internal error answers SERVFAIL (never NXDOMAIN, never silence) and is counted.
+  malformed → FORMERR · not a QUERY → NOTIMP · client not ours → REFUSED · `resolver.arpa` → answered here ·
+  the root → forwarded · decision cached or made · block → block answer · rewrite → CNAME to the safe-search
+  endpoint + its addresses · allow → answer cache, else upstream → every name and address of the answer judged
+Any internal error answers SERVFAIL (never NXDOMAIN, never silence) and is counted. No answer carries AA (Vigie is
+authoritative for nothing but `resolver.arpa`) or AD (it validates nothing).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import resource
 import socket
 import struct
 import time
@@ -20,12 +23,22 @@ from datetime import UTC, datetime
 from functools import partial
 from typing import NamedTuple, Protocol
 
-from dnslib import AAAA, CNAME, EDNS0, QTYPE, RCODE, RR, A, DNSRecord, EDNSOption
+from dnslib import AAAA, CNAME, EDNS0, OPCODE, QTYPE, RCODE, RR, SOA, A, DNSError, DNSRecord, EDNSOption
+from dnslib.buffer import BufferError as DnsBufferError
+from dnslib.label import DNSLabelError
 
 from blocklists.errors import NameRejected
 from blocklists.names import normalize_domain
 from dns_resolver.budget import DECISION_COST, EXACT_COST, CacheBudget
-from dns_resolver.fastpath import ExactReplies, ExactReply, PlainQuery, RateLimiter, ReplyCache, read_plain_query
+from dns_resolver.fastpath import (
+    MAX_UDP_ANSWER,
+    ExactReplies,
+    ExactReply,
+    PlainQuery,
+    RateLimiter,
+    ReplyCache,
+    read_plain_query,
+)
 from dns_resolver.forwarding import OUR_OPT, Forwarder, UpstreamAnswer
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
@@ -42,7 +55,7 @@ from policy.metrics import (
     QUERIES,
     REPLY_CACHE,
 )
-from policy.model import BlockAnswer, DnsSettings
+from policy.model import BlockAnswer, DnsSettings, SocketAddress
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
@@ -51,12 +64,15 @@ log = logging.getLogger(__name__)
 EDE_OPTION = 15
 EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
+BLOCK_SOA_NAME = "blocked.vigie.invalid."  # RFC 6761: a name that never resolves
 ONE_WORKER_DEFAULT = CacheBudget.share(DnsSettings.cache_bytes, 1)
 MAX_CLIENTS = 10_000  # source addresses remembered with their client, per worker (a city: ~5,000 tablets)
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _PASSED_RCODES = (RCODE.NOERROR, RCODE.NXDOMAIN)  # as plain ints: dnslib's RCODE.X is a Python-level lookup
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 _UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
+# RFC 9462 §6.5: a forwarder answers these itself. Vigie designates no encrypted resolver: an empty answer.
+RESOLVER_ARPA = "resolver.arpa"
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_."  # what a plain name is made of, in lower case
 _TTL, _COUNT = struct.Struct("!I"), struct.Struct("!H")
 
@@ -154,6 +170,9 @@ class DnsFront:
         self.replies = ReplyCache(cache.replies_bytes)
         self.exact_indexes: list[ExactReplies] = []  # one per UDP socket
         self.tcp_connections: dict[str, int] = {}  # open TCP connections per client address
+        self.tcp_open = 0  # all of them, up to tcp_cap
+        self.tcp_cap = tcp_connection_cap()
+        self.tcp_full_since: float | None = None  # when the total cap was reached (logged once)
         self._publish_cache_memory()
 
     def _publish_cache_memory(self) -> None:
@@ -215,6 +234,9 @@ class DnsFront:
         if request.header.qr or len(request.questions) != 1:
             DNS_ERRORS.labels("formerr").inc()
             return _raw(formerr_for(packet))
+        if request.header.opcode != OPCODE.QUERY:  # NOTIFY, UPDATE, STATUS…: not a resolver's business
+            DNS_ERRORS.labels("notimp").inc()
+            return _raw(_header_reply(packet, RCODE.NOTIMP))
         labels: tuple[str, ...] = ()
         view, counted = None, None
         try:
@@ -228,7 +250,12 @@ class DnsFront:
             DNS_ERRORS.labels("internal").inc()
             reply = _Reply(_rcode_reply(request, RCODE.SERVFAIL))
         DNS_LATENCY.observe(time.perf_counter() - started)
-        return Answered(reply.record.pack(), reply.lifetime, labels, view, count_device=counted)
+        try:
+            wire = reply.record.pack()
+        except (DNSError, DNSLabelError, DnsBufferError):  # a name dnslib read but cannot write: the header alone
+            DNS_ERRORS.labels("formerr").inc()
+            return _raw(formerr_for(packet))
+        return Answered(wire, reply.lifetime, labels, view, count_device=counted)
 
     async def _answer(self, request: DNSRecord, client: Client | None,
                       snapshot: Snapshot) -> tuple[_Reply, tuple[str, ...], str | None]:
@@ -237,8 +264,16 @@ class DnsFront:
         if client is None:
             QUERIES.inc(*_UNKNOWN_CLIENT)
             return _Reply(_rcode_reply(request, RCODE.REFUSED)), _UNKNOWN_CLIENT, None
+        qname = str(question.qname).rstrip(".").lower()
+        if qname == RESOLVER_ARPA or qname.endswith("." + RESOLVER_ARPA):
+            return _Reply(self._resolver_arpa_reply(request, qname)), (), None
+        if not qname:  # the root: no site to judge, and resolvers behind Vigie ask it
+            labels = (client.group, Action.ALLOW.value, "default", "none")
+            QUERIES.inc(*labels)
+            return await self._forward(request, snapshot.rules.server.dns.max_ttl_seconds, client, snapshot,
+                                       datetime.fromtimestamp(self.clock(), UTC)), labels, None
         try:
-            name = normalize_domain(str(question.qname))
+            name = normalize_domain(qname)
         except NameRejected:
             DNS_ERRORS.labels("formerr").inc()
             return _Reply(_rcode_reply(request, RCODE.FORMERR)), (), None
@@ -254,7 +289,7 @@ class DnsFront:
             reply = _Reply(_rcode_reply(request, RCODE.REFUSED))
         elif question.qtype in _SVCB_TYPES and decision.action is Action.REWRITE:
             # No HTTPS/SVCB hints around the rewrite.
-            reply = _Reply(_with_edns(request, request.reply()), min(ttl_cap, BLOCK_TTL))
+            reply = _Reply(_with_edns(request, _reply_to(request)), min(ttl_cap, BLOCK_TTL))
         elif decision.action is Action.REWRITE and decision.rewrite_to:
             reply = await self._rewrite_reply(request, decision.rewrite_to, ttl_cap, snapshot)
         else:
@@ -292,7 +327,7 @@ class DnsFront:
         named in the extended error text."""
         settings = snapshot.rules.server.dns
         question = request.questions[0]
-        reply = request.reply()
+        reply = _reply_to(request)
         if settings.block_answer is BlockAnswer.NXDOMAIN:
             reply.header.rcode = RCODE.NXDOMAIN
         elif question.qtype == QTYPE.A:
@@ -303,13 +338,28 @@ class DnsFront:
             address = settings.blockpage_ipv6 if settings.block_answer is BlockAnswer.BLOCKPAGE else "::"
             if address:
                 reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=ttl))
+        if not reply.rr:
+            # NXDOMAIN or no address: an SOA makes it cacheable (RFC 2308) for the block's TTL, which never
+            # outlasts the decision; without one, clients would ask again at once.
+            reply.add_auth(RR(question.qname, QTYPE.SOA, ttl=ttl, rdata=SOA(
+                BLOCK_SOA_NAME, "hostmaster." + BLOCK_SOA_NAME, (snapshot.generation % 2**32, 3600, 600, 86400, ttl))))
         text = decision.extended_text + (f" (via {via})" if via else "")
         return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", decision.extended_error)
                                                      + text.encode()))
 
+    @staticmethod
+    def _resolver_arpa_reply(request: DNSRecord, qname: str) -> DNSRecord:
+        """`resolver.arpa` and `_dns.resolver.arpa` exist and hold nothing (no designated encrypted resolver, RFC
+        9462): an authoritative empty answer; any other name below them does not exist."""
+        reply = _reply_to(request)
+        reply.header.aa = 1
+        if qname not in (RESOLVER_ARPA, "_dns." + RESOLVER_ARPA):
+            reply.header.rcode = RCODE.NXDOMAIN
+        return _with_edns(request, reply)
+
     async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> _Reply:
         question = request.questions[0]
-        reply = request.reply()
+        reply = _reply_to(request)
         ttl = min(ttl_cap, 300)
         reply.add_answer(RR(question.qname, QTYPE.CNAME, rdata=CNAME(target + "."), ttl=ttl))
         if question.qtype in (QTYPE.A, QTYPE.AAAA):
@@ -325,19 +375,16 @@ class DnsFront:
     async def _forward(self, request: DNSRecord, ttl_cap: int, client: Client, snapshot: Snapshot,
                        now: datetime) -> _Reply:
         upstream_answer, lifetime, raw = await self._upstream(str(request.q.qname), request.q.qtype)
-        if upstream_answer.header.rcode not in (RCODE.NOERROR, RCODE.NXDOMAIN):
-            failed = _rcode_reply(request, upstream_answer.header.rcode)
-            failed.header.ra = 1
-            return _Reply(_with_edns(request, failed))
+        if upstream_answer.header.rcode not in _PASSED_RCODES:  # as on the bytes path: the upstream failed us
+            return _Reply(_with_edns(request, _rcode_reply(request, RCODE.SERVFAIL)))
         if raw is not None and raw.leads_elsewhere:
             judged = self.judge_answer(raw, client, snapshot, now, ttl_cap)
             if judged.blocked is not None:
                 ttl = min(judged.ttl_cap, BLOCK_TTL)
                 return _Reply(self._block_reply(request, judged.blocked, snapshot, ttl, judged.via), ttl)
             ttl_cap = judged.ttl_cap
-        reply = request.reply()
+        reply = _reply_to(request)
         reply.header.rcode = upstream_answer.header.rcode
-        reply.header.ra = 1
         for section, add in ((upstream_answer.rr, reply.add_answer), (upstream_answer.auth, reply.add_auth)):
             for rr in section:
                 rr.ttl = min(rr.ttl, ttl_cap)
@@ -391,8 +438,8 @@ class DnsFront:
         answer is then given to `finish_plain`. None sends the query the dnslib way (blocks, rewrites, anything
         unusual)."""
         name = _plain_name(query.question)
-        if name is None:
-            return None
+        if name is None or name.endswith(RESOLVER_ARPA):
+            return None  # the dnslib path answers `resolver.arpa` (and ends `xresolver.arpa`'s detour there)
         now = datetime.fromtimestamp(self.clock(), UTC)
         decision = self._verdict(snapshot, client, name, now)
         if decision.action is not Action.ALLOW:
@@ -411,7 +458,9 @@ class DnsFront:
         if upstream.wire[3] & 0x0F not in _PASSED_RCODES:
             return Answered(_servfail(packet, query))
         ttl_cap = plan.ttl_cap
-        if upstream.targets or upstream.addresses:
+        # Most answers: addresses no list names, no alias. Only then is the clock read and the answer judged whole.
+        listed = plan.snapshot.lists.addresses.get
+        if upstream.targets or any(listed(address, 0) for address in upstream.addresses):
             judged = self.judge_answer(upstream, plan.client, plan.snapshot,
                                        datetime.fromtimestamp(self.clock(), UTC), ttl_cap)
             if judged.blocked is not None:
@@ -469,7 +518,7 @@ def client_reply(packet: bytes, query: PlainQuery, upstream: UpstreamAnswer, ttl
     if query.edns:
         records += OUR_OPT
         additional = _COUNT.pack((wire[10] << 8 | wire[11]) + 1)
-    flags = ((wire[2] & 0xFA) | (packet[2] & 0x01), wire[3] | 0x80)  # not authoritative; the client's RD; RA
+    flags = ((wire[2] & 0xFA) | (packet[2] & 0x01), wire[3] & 0xDF | 0x80)  # no AA; the client's RD; no AD; RA
     return packet[:2] + bytes(flags) + packet[4:6] + wire[6:10] + additional + packet[12:query.question_end] + records
 
 
@@ -489,10 +538,27 @@ def _min_ttl(record: DNSRecord) -> int:
     return min(ttls) if ttls else 0
 
 
+def _reply_to(request: DNSRecord) -> DNSRecord:
+    """An empty reply: RA, the client's RD, neither AA (dnslib sets it) nor AD."""
+    reply = request.reply(ra=1, aa=0)
+    reply.header.ad = 0  # dnslib copies the query's flags, and dig sets AD in its queries
+    return reply
+
+
 def _rcode_reply(request: DNSRecord, rcode: int) -> DNSRecord:
-    reply = request.reply()
+    reply = _reply_to(request)
     reply.header.rcode = rcode
     return reply
+
+
+def _header_reply(packet: bytes, rcode: int) -> bytes | None:
+    """The query's header and question sent back with `rcode` (NOTIMP), no records; None for a response."""
+    if len(packet) < 12 or packet[2] & 0x80:
+        return None
+    query = read_plain_query(packet[:2] + bytes((packet[2] & 0x01, 0)) + packet[4:])  # its question, if plain
+    question = packet[12:query.question_end] if query is not None else b""
+    flags = bytes((0x80 | (packet[2] & 0x79), 0x80 | rcode))  # QR, the opcode and RD echoed, RA
+    return packet[:2] + flags + struct.pack("!HHHH", 1 if question else 0, 0, 0, 0) + question
 
 
 def _with_edns(request: DNSRecord, reply: DNSRecord, *options: EDNSOption) -> DNSRecord:
@@ -701,7 +767,7 @@ def _client_udp_size(packet: bytes) -> int:
         return 512
     for rr in request.ar:
         if rr.rtype == QTYPE.OPT:
-            return max(512, min(int(rr.rclass), 4096))
+            return max(512, min(int(rr.rclass), MAX_UDP_ANSWER))
     return 512
 
 
@@ -715,21 +781,37 @@ def _truncated(answer: bytes) -> bytes:
 
 
 TCP_CONNECTIONS_PER_CLIENT = 32  # a resolver or a browser keeps a few; thousands would be an attack on our files
+TCP_CONNECTIONS_TOTAL = 2000  # per worker, whoever opens them
+TCP_IDLE_SECONDS = 10
+
+
+def tcp_connection_cap() -> int:
+    """Open TCP connections a worker accepts: TCP_CONNECTIONS_TOTAL, and never more than half the files the
+    process may open, so that upstream sockets, the state store and reloads always find one."""
+    soft_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft_limit == resource.RLIM_INFINITY:
+        return TCP_CONNECTIONS_TOTAL
+    return max(16, min(TCP_CONNECTIONS_TOTAL, soft_limit // 2))
 
 
 async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     address = writer.get_extra_info("peername")[0]
     open_now = front.tcp_connections.get(address, 0)
-    if open_now >= TCP_CONNECTIONS_PER_CLIENT:
+    if open_now >= TCP_CONNECTIONS_PER_CLIENT or front.tcp_open >= front.tcp_cap:
         DNS_RATE_LIMITED.inc()
+        if front.tcp_open >= front.tcp_cap and front.tcp_full_since is None:
+            front.tcp_full_since = time.monotonic()
+            log.warning("%d DNS-over-TCP connections open: new ones are closed until some end", front.tcp_open)
         writer.close()
         return
     front.tcp_connections[address] = open_now + 1
+    front.tcp_open += 1
     limiter = front.rate_limiter
     try:
         while True:  # several queries per connection, under the same per-client rate as UDP
-            header = await asyncio.wait_for(reader.readexactly(2), timeout=10)
-            packet = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header)[0]), timeout=10)
+            header = await asyncio.wait_for(reader.readexactly(2), timeout=TCP_IDLE_SECONDS)
+            packet = await asyncio.wait_for(reader.readexactly(struct.unpack("!H", header)[0]),
+                                            timeout=TCP_IDLE_SECONDS)
             if limiter is not None and not limiter.allow(address, time.monotonic()):
                 DNS_RATE_LIMITED.inc()
                 break
@@ -738,10 +820,15 @@ async def _serve_tcp_client(front: DnsFront, reader: asyncio.StreamReader, write
                 break
             writer.write(struct.pack("!H", len(answered.wire)) + answered.wire)
             await writer.drain()
+            if answered.labels == _UNKNOWN_CLIENT:
+                break  # REFUSED: a stranger does not keep a connection open
     except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
         pass
     finally:
         writer.close()
+        front.tcp_open -= 1
+        if front.tcp_open < front.tcp_cap:
+            front.tcp_full_since = None
         remaining = front.tcp_connections.get(address, 1) - 1
         if remaining:
             front.tcp_connections[address] = remaining
@@ -771,19 +858,17 @@ class ListenError(Exception):
     """A DNS address cannot be listened on (taken by another server, or a privileged port)."""
 
 
-def bind_udp(listen: tuple[str, ...]) -> list[socket.socket]:
+def bind_udp(listen: tuple[SocketAddress, ...]) -> list[socket.socket]:
     """A non-blocking UDP socket bound on every `host:port` of `listen`, its receive buffer enlarged. Raises
     ListenError."""
     sockets: list[socket.socket] = []
     for entry in listen:
-        host, _, port_text = entry.rpartition(":")
-        host, port = host.strip("[]"), int(port_text)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        family = socket.AF_INET6 if entry.is_ipv6 else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind((host, port))
+            sock.bind((entry.host, entry.port))
             sock.setblocking(False)
         except OSError as exc:
             sock.close()
@@ -795,7 +880,7 @@ def bind_udp(listen: tuple[str, ...]) -> list[socket.socket]:
     return sockets
 
 
-async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
+async def start_dns_servers(front: DnsFront, listen: tuple[SocketAddress, ...],
                             udp: list[socket.socket] | None = None) -> list[Closable]:
     """Serve UDP and TCP on every `host:port` of `listen`; returns what to close on shutdown. `udp`: sockets
     bound before the workers were forked, one per address, shared by every worker: each takes the next query
@@ -804,14 +889,12 @@ async def start_dns_servers(front: DnsFront, listen: tuple[str, ...],
     servers: list[Closable] = []
     udp_sockets = udp if udp is not None else bind_udp(listen)
     for entry, sock in zip(listen, udp_sockets, strict=True):
-        host, _, port_text = entry.rpartition(":")
-        host, port = host.strip("[]"), int(port_text)
         listener = _UdpListener(front, sock, max(1, front.cache.exact_replies // len(listen)))
         front.exact_indexes.append(listener.exact)
         loop.add_reader(sock.fileno(), listener.readable)
         servers.append(listener)
         try:
-            server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), host, port,
+            server = await asyncio.start_server(lambda r, w: _serve_tcp_client(front, r, w), entry.host, entry.port,
                                                 reuse_port=udp is not None or None)
         except OSError as exc:
             for opened in servers:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import signal
 import socket
 import struct
@@ -50,6 +51,8 @@ class UpstreamServer:
         self.asked: list[str] = []
         self.packets: list[bytes] = []
         self.truncate = False
+        self.rcode = 0  # the rcode of every answer (FORMERR, NOTIMP, REFUSED: an upstream that fails us)
+        self.authenticated = False  # set AD (and AA) on its answers, as a validating upstream may
         self.drop_next = 0  # queries to receive (and record) without answering, as if lost on the way
         # Names answered another way: `aliases` by a CNAME to another name (then that name's A records, as a
         # recursive resolver gives them), `address_of` by a given A address, `https_targets` by an HTTPS record
@@ -149,8 +152,9 @@ class UpstreamServer:
         reply = request.reply()
         question = request.questions[0]
         asked = str(question.qname).rstrip(".").lower()
-        if self.mode == "servfail":
-            reply.header.rcode = 2
+        reply.header.ad = int(self.authenticated)
+        if self.mode == "servfail" or self.rcode:
+            reply.header.rcode = self.rcode or 2
         elif asked in self.https_targets and question.qtype == QTYPE.HTTPS:
             target = self.https_targets[asked]
             # SvcPriority 1, the target name, no parameters (RFC 9460 §2.2).
@@ -198,12 +202,18 @@ class RunningVigie:
 
     ready_text = "vigie: "
 
-    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(self, command: list[str], log: Path, env: dict[str, str] | None = None,
+                 file_limit: int | None = None) -> None:
         self.log = log
         self._log_file = log.open("w")
+
+        def limit_files() -> None:  # in the child, before it runs: as `ulimit -n` or systemd's LimitNOFILE would
+            if file_limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (file_limit, file_limit))
+
         self.process = subprocess.Popen([sys.executable, "-m", "vigie", *command], cwd=REPO, stdout=self._log_file,
                                         stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1",
-                                                                       **(env or {})})
+                                                                       **(env or {})}, preexec_fn=limit_files)
 
     def __enter__(self) -> Self:
         deadline = time.monotonic() + 30
@@ -231,14 +241,14 @@ class VigieProcess(RunningVigie):
     ready_text = "vigie: DNS on"
 
     def __init__(self, rules: Path, dns_port: int, upstream_port: int, metrics_port: int | None = None,
-                 *extra: str) -> None:
+                 *extra: str, file_limit: int | None = None) -> None:
         self.dns_port = dns_port
         self.metrics_port = metrics_port
         super().__init__(["dns", "--rules", str(rules), "--dns-listen", f"127.0.0.1:{dns_port}",
                           "--upstream", f"127.0.0.1:{upstream_port}",
                           "--metrics-listen", f"127.0.0.1:{metrics_port}" if metrics_port else "off",
                           *(extra if "--api-listen" in extra else ("--api-listen", "off", *extra))],
-                         rules.parent / "vigie.log")
+                         rules.parent / "vigie.log", file_limit=file_limit)
 
 
 def dig(port: int, *args: str, server: str = "127.0.0.1") -> str:
