@@ -1,14 +1,15 @@
 """What the Vigie addon costs the proxy: the same four paths through mitmproxy with and without it, in one run.
 
-    .venv/bin/python benchmarks/proxy_overhead.py [--seconds 8] [--concurrency 10]
+    .venv/bin/python benchmarks/proxy_overhead.py [--seconds 4] [--rounds 3] [--concurrency 10]
 
 A local nginx (HTTP and HTTPS, keep-alive) is the origin; `hey -x` is the client (both installed with apt-get
 when missing). "Without" is plain mitmproxy (`mitmdump`, passing TLS through with `ignore_hosts` for the
 pass-through paths); "with" is `vigie proxy` with the whole UT1 snapshot loaded. For the pass-through paths a third
 column is plain mitmproxy passing TLS through after reading the ClientHello, the mechanism Vigie needs to see the
-TLS name (a harmless CONNECT may carry a blocked name). Both load the same small script
-that sends upstream connections to nginx in place of DNS. Then the decision itself: the engine and the request
-hook timed per request on the same snapshot (median and p99, microseconds).
+TLS name (a harmless CONNECT may carry a blocked name). All load the same small script that sends upstream
+connections to nginx in place of DNS, run side by side, and take turns: rounds of a few seconds per server and path,
+the order reversed every round; a ratio is the median of per-round ratios. Then the decision itself: the engine and
+the request hook timed per request on the same snapshot (median and p99, microseconds).
 """
 
 from __future__ import annotations
@@ -115,19 +116,28 @@ def hey(proxy_port: int, url: str, options: tuple[str, ...], seconds: float, con
     return float(match.group(1))
 
 
-def measure_proxy(command: list[str], port: int, env: dict[str, str], url: str, options: tuple[str, ...],
-                  seconds: float, concurrency: int, log: Path) -> float:
-    """Best of two runs after a warm-up: hey now and then stalls a connection for its whole timeout, which
-    says nothing about the proxy."""
+def start_proxy(command: list[str], port: int, env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with open(log, "a") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    try:
-        wait_for_port(port, process, command[0])
+    wait_for_port(port, process, command[0])
+    return process
+
+
+def rounds_of(servers: dict[str, int], url: str, options: tuple[str, ...], seconds: float, concurrency: int,
+              rounds: int) -> dict[str, list[float]]:
+    """req/s of each server (name → port) in each round; the servers take turns, the order reversed every round,
+    so that a ratio compares runs seconds apart on a machine whose speed drifts over minutes."""
+    for port in servers.values():
         hey(port, url, options, 1, concurrency)  # warm-up: certificates minted, lists mapped
-        return max(hey(port, url, options, seconds, concurrency) for _ in range(2))
-    finally:
-        process.terminate()
-        process.wait(10)
+    measured: dict[str, list[float]] = {name: [] for name in servers}
+    order = list(servers)
+    for _ in range(rounds):
+        for name in order:
+            # Best of two: hey now and then stalls a connection for its whole timeout, which says nothing about
+            # the proxy.
+            measured[name].append(max(hey(servers[name], url, options, seconds, concurrency) for _ in range(2)))
+        order.reverse()
+    return measured
 
 
 def decision_latency(rules: Path) -> tuple[float, float, float, float]:
@@ -179,7 +189,8 @@ def main() -> None:
     if not ARCHIVE.exists():
         sys.exit(f"no UT1 snapshot at {ARCHIVE} (set VIGIE_UT1_ARCHIVE): this benchmark loads the real lists")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--seconds", type=float, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=10)
     arguments = parser.parse_args()
     ensure_tools()
@@ -197,43 +208,58 @@ def main() -> None:
         venv_bin = Path(sys.executable).parent
         common = ["--set", f"scripts={MAP_SCRIPT}", "--set", f"ssl_verify_upstream_trusted_ca={origin_ca}",
                   "--set", "connection_strategy=lazy"]
+        (workdir / "pass_after_hello.py").write_text(PASS_AFTER_HELLO)
+        ports = {name: free_port() for name in ("mitmproxy", "mitmproxy, ignore_hosts", "mitmproxy, SNI", "Vigie")}
+
+        def plain(name: str, *extra: str) -> list[str]:
+            return [str(venv_bin / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
+                    str(ports[name]), "--set", f"confdir={workdir / 'mitmdump'}", *common, *extra]
+
+        commands = {
+            "mitmproxy": plain("mitmproxy"),
+            "mitmproxy, ignore_hosts": plain("mitmproxy, ignore_hosts", "--ignore-hosts", ".*"),
+            "mitmproxy, SNI": plain("mitmproxy, SNI", "--set", f"scripts={workdir / 'pass_after_hello.py'}"),
+            "Vigie": [sys.executable, "-m", "vigie", "proxy", "--rules", str(rules), "--metrics-listen", "off",
+                      "--api-listen", "off", "--proxy-listen", f"127.0.0.1:{ports['Vigie']}", *common],
+        }
+        processes = []
         rows = []
         try:
             wait_for_port(http_port, nginx, "nginx")
-            (workdir / "pass_after_hello.py").write_text(PASS_AFTER_HELLO)
+            for name, command in commands.items():  # side by side, idle while the others are measured
+                processes.append(start_proxy(command, ports[name], env, workdir / f"{name}.log"))
             for label, url, options, plain_passes_tls in PATHS:
-                def plain(*extra: str) -> tuple[list[str], int]:
-                    port = free_port()
-                    return [str(venv_bin / "mitmdump"), "-q", "--listen-host", "127.0.0.1", "--listen-port",
-                            str(port), "--set", f"confdir={workdir / 'mitmdump'}", *common, *extra], port
-
-                def measure(command_and_port: tuple[list[str], int], log: str, url: str = url,
-                            options: tuple[str, ...] = options) -> float:
-                    return measure_proxy(command_and_port[0], command_and_port[1], env, url, options,
-                                         arguments.seconds, arguments.concurrency, workdir / log)
-
-                without = measure(plain("--ignore-hosts", ".*") if plain_passes_tls else plain(), "mitmdump.log")
-                after_hello = measure(plain("--set", f"scripts={workdir / 'pass_after_hello.py'}"),
-                                      "mitmdump.log") if plain_passes_tls else None
-                port = free_port()
-                with_addon = measure(([sys.executable, "-m", "vigie", "proxy", "--rules", str(rules),
-                                       "--metrics-listen", "off", "--proxy-listen", f"127.0.0.1:{port}", *common],
-                                      port), "vigie.log")
-                rows.append((label, without, after_hello, with_addon))
+                baseline = "mitmproxy, ignore_hosts" if plain_passes_tls else "mitmproxy"
+                servers = {baseline: ports[baseline], "Vigie": ports["Vigie"]}
+                if plain_passes_tls:
+                    servers["mitmproxy, SNI"] = ports["mitmproxy, SNI"]
+                measured = rounds_of(servers, url, options, arguments.seconds, arguments.concurrency,
+                                     arguments.rounds)
+                rows.append((label, measured[baseline], measured.get("mitmproxy, SNI"), measured["Vigie"]))
                 print(f"  measured {label}", file=sys.stderr, flush=True)
         finally:
+            for process in processes:
+                process.terminate()
+                process.wait(10)
             nginx.terminate()
             nginx.wait(10)
         engine_median, engine_p99, hook_median, hook_p99 = decision_latency(rules)
-    print(f"{'path (hey -c ' + str(arguments.concurrency) + ')':38} {'mitmproxy':>10} {'same, SNI':>10} "
-          f"{'Vigie':>8} {'ratio':>6} {'ratio SNI':>10}   target")
+
+    def ratios(ours: list[float], theirs: list[float]) -> str:
+        each = sorted(a / b for a, b in zip(ours, theirs, strict=True))
+        return f"{statistics.median(each):.2f} ({each[0]:.2f}–{each[-1]:.2f})"
+
+    print(f"{arguments.rounds} rounds per server and path, each the best of two {arguments.seconds:g}-s runs of hey -c "
+          f"{arguments.concurrency}; median req/s, and the median (range) of the per-round ratios")
+    print(f"{'path':38} {'mitmproxy':>10} {'same, SNI':>10} {'Vigie':>8}  {'ratio':>16}  {'ratio SNI':>16}")
     for label, without, after_hello, with_addon in rows:
-        sni = f"{after_hello:>10,.0f}" if after_hello else f"{'-':>10}"
-        sni_ratio = f"{with_addon / after_hello:>10.2f}" if after_hello else f"{'-':>10}"
-        print(f"{label:38} {without:>10,.0f} {sni} {with_addon:>8,.0f} {with_addon / without:>6.2f} {sni_ratio}"
-              "   ≥ 0.90")
-    print("req/s. mitmproxy: plain mitmdump (TLS passed through at CONNECT with ignore_hosts); same, SNI: plain "
-          "mitmdump passing TLS through after reading the ClientHello, as Vigie must to see the name.")
+        sni = f"{statistics.median(after_hello):>10,.0f}" if after_hello else f"{'-':>10}"
+        sni_ratio = ratios(with_addon, after_hello) if after_hello else "-"
+        print(f"{label:38} {statistics.median(without):>10,.0f} {sni} {statistics.median(with_addon):>8,.0f}  "
+              f"{ratios(with_addon, without):>16}  {sni_ratio:>16}")
+    print("mitmproxy: plain mitmdump (for pass-through paths, passing TLS through at CONNECT with ignore_hosts); "
+          "same, SNI: plain mitmdump passing TLS through after reading the ClientHello, as Vigie must to see the "
+          "name. Target: ratio ≥ 0.90.")
     print(f"\ndecision per request (UT1 snapshot loaded):  engine median {engine_median:.0f} µs, "
           f"p99 {engine_p99:.0f} µs;  request hook median {hook_median:.0f} µs, p99 {hook_p99:.0f} µs")
 

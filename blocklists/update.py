@@ -38,7 +38,7 @@ _CHUNK = 1 << 16
 
 @dataclass(frozen=True)
 class UpdatePolicy:
-    """How updates are bounded; rules.yaml `server.lists` sets them (see the README)."""
+    """How updates are bounded; rules.yaml `server.lists` sets them (see docs/rules.md)."""
 
     refresh_seconds: int = 24 * 3600
     timeout_seconds: float = 300.0

@@ -1,6 +1,6 @@
 """The shared state store for several Vigie servers: Redis.
 
-Keys (all under `vigie:`, documented in the README):
+Keys (all under `vigie:`, documented in docs/rules.md):
   vigie:store                      a random epoch, written when missing: a new one means the data were lost
   vigie:override:<id>              an override as JSON, expiring by itself at the override's end (PEXPIREAT)
   vigie:overrides                  set of override ids (entries whose key expired are dropped on read)

@@ -183,7 +183,7 @@ def test_the_dockerfile_copies_what_exists_and_every_package() -> None:
             assert (context / source).exists(), f"COPY {source}: not in the build context {context}"
             copied.append(source.rstrip("/"))
     packages = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert set(packages) <= set(copied), "every package the project ships is in the image"
+    assert {p.split(".")[0] for p in packages} <= set(copied), "every package the project ships is in the image"
     assert re.search(r"^FROM python:3\.11", dockerfile, re.MULTILINE)
     assert re.search(r"^USER vigie$", dockerfile, re.MULTILINE), "not root at run time"
     ignored = (REPO / ".dockerignore").read_text().split()

@@ -12,7 +12,7 @@ import pytest
 from tests.conftest import REPO
 from vigie.cli import _parser
 
-DOCUMENTS = [REPO / "README.md", REPO / "docs" / "guide-admin.fr.md", REPO / "docs" / "mdm.md"]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 _COMMAND = re.compile(r"^(?:sudo )?(?:\S*/)?vigie (.+)$")
 
 
@@ -50,7 +50,8 @@ def subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentP
 def test_every_vigie_command_shown_is_one_vigie_accepts(document: Path) -> None:
     text = document.read_text()
     complete, named = commands_in_blocks(text), commands_inline(text)
-    assert len(complete) + len(named) >= 5, f"{document.name}: too few commands found: {complete + named}"
+    if document.name in ("README.md", "guide-admin.fr.md", "rules.md", "deploy.md"):
+        assert len(complete) + len(named) >= 5, f"{document.name}: too few commands found: {complete + named}"
     parser = _parser()
     for command in complete:  # whole command lines: they parse
         try:
@@ -65,3 +66,17 @@ def test_every_vigie_command_shown_is_one_vigie_accepts(document: Path) -> None:
                 break
             assert word in choices, f"{document.name}: `vigie {command}`: no {word!r} (known: {', '.join(choices)})"
             level = choices[word]
+
+
+@pytest.mark.parametrize("document", DOCUMENTS, ids=lambda d: d.name)
+def test_every_link_to_a_file_of_the_repository_leads_somewhere(document: Path) -> None:
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", document.read_text()):
+        if "://" not in target:
+            assert (document.parent / target).exists(), f"{document.name}: {target} does not exist"
+
+
+def test_the_readme_is_short_and_says_the_two_commands_first() -> None:
+    text = (REPO / "README.md").read_text()
+    assert len(text.splitlines()) <= 250
+    first_block = text.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert first_block.startswith("make run") and "\nmake test" in first_block

@@ -184,7 +184,7 @@ def listing(rules: Rules) -> list[DeviceLine]:
 def _vpn_of(rules: Rules) -> VpnSettings:
     if rules.vpn is None:
         raise DeviceRefused(f"{rules.source} has no `vpn:` section (network, address, endpoint, public_key): "
-                            "see the README, \"Home use over WireGuard\"")
+                            "see docs/deploy.md, \"Home use over WireGuard\"")
     return rules.vpn
 
 
