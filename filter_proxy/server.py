@@ -1,16 +1,25 @@
-"""Run mitmproxy inside Vigie's event loop with the addon: `start_proxy` returns once the port accepts."""
+"""Run mitmproxy inside Vigie's event loop with the addon, accepting on a socket Vigie binds.
+
+Vigie binds the proxy's listening socket itself (`bind_proxy_socket`), before any fork: the proxy workers of
+`vigie run` all accept on that one socket, and whichever worker is free takes the next connection. mitmproxy runs
+without its own listeners (`server=False`); each accepted connection is handed to its connection handler for the
+configured mode, as mitmproxy's own listener would."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from mitmproxy import options
 from mitmproxy.exceptions import OptionsError
+from mitmproxy.proxy import mode_specs
+from mitmproxy.proxy.mode_servers import ServerInstance
 from mitmproxy.tools.dump import DumpMaster
 
 from blocklists.errors import VigieError
@@ -18,31 +27,48 @@ from filter_proxy.addon import VigieAddon
 from policy.model import SocketAddress
 
 START_TIMEOUT_SECONDS = 15.0
+LISTEN_BACKLOG = 4096  # a class opening a page: 25 tablets × 10-30 connections at once
 # mitmproxy logs every client connection at INFO: noise, and a trace of who browsed when. Warnings stay.
 logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
+
+
+def bind_proxy_socket(listen: SocketAddress) -> socket.socket:
+    """The proxy's listening TCP socket. Raises VigieError (with the fix) when the address cannot be had."""
+    sock = socket.socket(socket.AF_INET6 if listen.is_ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((listen.host, listen.port))
+        sock.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        sock.close()
+        hint = " (another program listens there; set server.proxy.listen or --proxy-listen)" \
+            if exc.errno == errno.EADDRINUSE else ""
+        raise VigieError(f"the proxy cannot listen on {listen}: {exc.strerror}{hint}") from None
+    sock.setblocking(False)
+    return sock
 
 
 @dataclass
 class ProxyHandle:
     master: DumpMaster
     task: asyncio.Task[None]
+    listener: asyncio.AbstractServer
 
     async def stop(self) -> None:
-        # mitmproxy's shutdown leaves the listening sockets open: close them first.
-        for server in self.master.addons.get("proxyserver").servers:
-            if server.is_running:
-                with contextlib.suppress(Exception):
-                    await server.stop()
+        self.listener.close()
         self.master.shutdown()
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await asyncio.wait_for(self.task, 5)
 
 
-async def start_proxy(addon: VigieAddon, listen: SocketAddress, mode: str, confdir: Path,
+async def start_proxy(addon: VigieAddon, listen: SocketAddress | socket.socket, mode: str, confdir: Path,
                       extra_options: Sequence[str] = ()) -> ProxyHandle:
-    """Start mitmproxy on `listen` (`host:port`) in `mode` (`regular`, `transparent`). `extra_options` are
-    mitmproxy `name=value` settings (`vigie proxy --set`). Raises VigieError when it cannot listen."""
-    opts = options.Options(listen_host=listen.host, listen_port=listen.port, mode=[mode], confdir=str(confdir))
+    """Start mitmproxy in `mode` (`regular`, `transparent`) with the addon, accepting on `listen` (a socket from
+    `bind_proxy_socket`, or an address to bind). `extra_options` are mitmproxy `name=value` settings (`vigie proxy
+    --set`). Raises VigieError when it cannot listen or start."""
+    sock = bind_proxy_socket(listen) if isinstance(listen, SocketAddress) else listen
+    host, port = sock.getsockname()[:2]
+    opts = options.Options(listen_host=host, listen_port=port, mode=[mode], confdir=str(confdir), server=False)
     master = DumpMaster(opts, with_termlog=False, with_dumper=False)
     master.addons.add(addon)
     try:
@@ -51,18 +77,18 @@ async def start_proxy(addon: VigieAddon, listen: SocketAddress, mode: str, confd
         opts.set(*extra_options)
     except (OptionsError, KeyError) as exc:
         raise VigieError(f"bad proxy option: {exc}") from None
+    proxyserver = master.addons.get("proxyserver")
     task = asyncio.create_task(master.run())
-    servers = master.addons.get("proxyserver").servers
     deadline = asyncio.get_running_loop().time() + START_TIMEOUT_SECONDS
-    while True:
-        failed = [server.last_exception for server in servers if server.last_exception is not None]
-        if task.done() or failed:
-            master.shutdown()
-            reason = failed[0] if failed else (task.exception() if not task.cancelled() else None)
-            raise VigieError(f"the proxy cannot listen on {listen}: {reason or 'it stopped'}")
-        if len(servers) and all(server.is_running for server in servers):
-            return ProxyHandle(master, task)
+    while not proxyserver.is_running:  # the addons are configured: connections may come
+        if task.done():
+            reason = task.exception() if not task.cancelled() else None
+            raise VigieError(f"the proxy did not start: {reason or 'it stopped'}")
         if asyncio.get_running_loop().time() > deadline:
             master.shutdown()
-            raise VigieError(f"the proxy did not start on {listen} within {START_TIMEOUT_SECONDS:g} s")
-        await asyncio.sleep(0.05)
+            raise VigieError(f"the proxy did not start within {START_TIMEOUT_SECONDS:g} s")
+        await asyncio.sleep(0.02)
+    instance: ServerInstance[mode_specs.ProxyMode] = ServerInstance.make(mode_specs.ProxyMode.parse(mode),
+                                                                         proxyserver)
+    listener = await asyncio.start_server(instance.handle_stream, sock=sock, backlog=LISTEN_BACKLOG)
+    return ProxyHandle(master, task, listener)

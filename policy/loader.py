@@ -341,8 +341,9 @@ class _RulesReader:
             if field else {}
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
-        proxy = keys["proxy"].mapping(("listen", "mode", "https_block_page", "deny_networks", "internal_hosts",
-                                       "connect_ports", "http_ports")) if "proxy" in keys else {}
+        proxy = keys["proxy"].mapping(("listen", "mode", "workers", "https_block_page", "deny_networks",
+                                       "internal_hosts", "connect_ports", "http_ports")) if "proxy" in keys else {}
+        proxy_workers = proxy["workers"].converted(parse_workers, "auto") if "workers" in proxy else None
         proxy_mode = proxy["mode"].choice(("regular", "transparent")) if "mode" in proxy else None
         https_block_page = proxy["https_block_page"].boolean() if "https_block_page" in proxy else None
         metrics = keys["metrics"].mapping(("listen",)) if "metrics" in keys else {}
@@ -364,6 +365,7 @@ class _RulesReader:
             metrics_listen=(metrics["listen"].converted(parse_listen, "127.0.0.1:9108")
                             if "listen" in metrics else None) or defaults.metrics_listen,
             proxy_mode=proxy_mode or defaults.proxy_mode,
+            proxy_workers=proxy_workers or defaults.proxy_workers,
             https_block_page=defaults.https_block_page if https_block_page is None else https_block_page,
             proxy_reach=self._proxy_reach(proxy),
             state=state or StoreAddress("sqlite", str(data_path / "state.sqlite3")),

@@ -122,5 +122,5 @@ USAGE_MARKS_PENDING = Gauge("vigie_usage_marks_pending",
                             "Used minutes (one mark per device and minute) counted in memory, not yet in the store")
 STATE_AGE = Gauge("vigie_state_age_seconds", "Age of the state view the fronts decide with (grows while the store "
                   "is away)")
-BUILD = Info("vigie_build", "Vigie's version and the process's role (main: proxy, list updates, admin API; "
-             "worker: DNS only)")
+BUILD = Info("vigie_build", "Vigie's version and the process's role (main: DNS, proxy, list updates, admin API; "
+             "dns-N: a DNS worker; proxy-N: a proxy worker)")

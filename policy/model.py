@@ -271,6 +271,7 @@ class ServerSettings:
     dns: DnsSettings = field(default_factory=DnsSettings)
     proxy_listen: SocketAddress = SocketAddress("127.0.0.1", 8080)
     proxy_mode: str = "regular"  # or "transparent", behind a firewall redirect
+    proxy_workers: int = 1  # processes accepting on the proxy's socket; production: one per core
     https_block_page: bool = True  # intercept blocked HTTPS to show the page (else the CONNECT is refused)
     proxy_reach: ProxyReach = field(default_factory=ProxyReach)
     metrics_listen: SocketAddress = SocketAddress("127.0.0.1", 9108)

@@ -116,7 +116,7 @@ class ProxyProcess(RunningVigie):
                           "--metrics-listen", "off", "--set", f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
                           "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}",
                           *(extra if "--api-listen" in extra else ("--api-listen", "off", *extra))],
-                         rules.parent / "proxy.log",
+                         rules.parent / f"proxy-{port}.log",
                          {"VIGIE_TEST_ORIGIN_HTTP": str(origin.http.server_port),
                           "VIGIE_TEST_ORIGIN_HTTPS": str(origin.https.server_port)})
 

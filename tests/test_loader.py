@@ -94,6 +94,9 @@ BAD = [
     ("a bad list size limit is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                           "  lists: {max_size: lots}"),
      r"rules.yaml:3:\d+: server.lists.max_size: 'lots': not a size \(example: 512MB\)"),
+    ("proxy workers are a number or auto", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                            "  proxy: {workers: many}"),
+     r"rules.yaml:3:\d+: server.proxy.workers: 'many': .* \(example: auto\)"),
     ("a DNS cache under 1MB is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                           "  dns: {cache_size: 100KB}"),
      r"rules.yaml:3:\d+: server.dns.cache_size: '100KB': less than 1MB \(example: 32MB\)"),

@@ -118,7 +118,9 @@ def test_an_override_made_on_one_instance_is_enforced_by_every_instance_within_t
         api_port = free_port()
         first = VigieProcess(rules, free_port(), upstream.port, None, "--api-listen", f"127.0.0.1:{api_port}")
         second = VigieProcess(rules, free_port(), upstream.port)
-        with first, second, ProxyProcess(rules, free_port(), origin) as proxy:
+        # Two servers' worth: two resolvers and two proxies, the second proxy with two workers.
+        with first, second, ProxyProcess(rules, free_port(), origin) as proxy, \
+                ProxyProcess(rules, free_port(), origin, "--proxy-workers", "2") as other_proxy:
             token = (tmp_path / "var" / "api-token").read_text().strip()
 
             def api(method: str, path: str, body: object = None) -> tuple[int, object]:
@@ -132,38 +134,41 @@ def test_an_override_made_on_one_instance_is_enforced_by_every_instance_within_t
                 except urllib.error.HTTPError as error:
                     return error.code, json.loads(error.read())
 
-            def proxy_allows(device: str, url: str) -> bool:
-                _, status, _ = curl(proxy.port, url, "--interface", TABLETS[device])
-                return status == "200"
+            def proxy_says(port: int, device: str, name: str, times: int) -> set[str]:
+                return {curl(port, f"http://{name}/", "--interface", TABLETS[device])[1] for _ in range(times)}
 
-            def everywhere(device: str, name: str) -> list[Callable[[], bool]]:
-                return [lambda: answers(first.dns_port, device, name), lambda: answers(second.dns_port, device, name),
-                        lambda: proxy_allows(device, f"http://{name}/")]
+            def everywhere(device: str, name: str, allowed: bool) -> list[Callable[[], bool]]:
+                """Each instance gives `device` the expected answer for `name` (the two-worker proxy, on four new
+                connections: whichever worker is free takes each)."""
+                status = {"200" if allowed else "403"}
+                return [lambda: answers(first.dns_port, device, name) == allowed,
+                        lambda: answers(second.dns_port, device, name) == allowed,
+                        lambda: proxy_says(proxy.port, device, name, 1) == status,
+                        lambda: proxy_says(other_proxy.port, device, name, 4) == status]
 
-            assert not any(check() for check in everywhere("tab-01", "roblox.com"))
+            assert all(check() for check in everywhere("tab-01", "roblox.com", allowed=False))
             status, created = api("POST", "/v1/overrides", {"action": "allow", "group": "cm2-a",
                                                             "domain": "roblox.com", "for": "30m",
                                                             "note": "jeu de maths", "author": "mme.martin"})
             assert status == 201, created
             assert isinstance(created, dict)
-            delays = [wait_until(check, PROPAGATION_SECONDS) for check in everywhere("tab-01", "roblox.com")]
+            delays = [wait_until(check, PROPAGATION_SECONDS) for check in everywhere("tab-01", "roblox.com", True)]
             assert None not in delays, f"not enforced everywhere within {PROPAGATION_SECONDS} s: {delays}"
-            assert not any(check() for check in everywhere("tab-03", "roblox.com")), "cm2-b is not concerned"
+            assert all(check() for check in everywhere("tab-03", "roblox.com", False)), "cm2-b is not concerned"
 
             lock = vigie(rules, "override", "lock", "--device", "tab-02", "--for", "10m", "--note", "contrôle")
             assert lock.returncode == 0, lock.stderr
-            blocked = [wait_until(lambda check=check: not check(), PROPAGATION_SECONDS)  # type: ignore[misc]
-                       for check in everywhere("tab-02", "example.org")]
+            blocked = [wait_until(check, PROPAGATION_SECONDS) for check in everywhere("tab-02", "example.org", False)]
             assert None not in blocked, "a locked device reaches only its allow list"
-            assert all(check() for check in everywhere("tab-02", "lumni.fr"))
-            assert all(check() for check in everywhere("tab-01", "example.org")), "the rest of the class is free"
+            assert all(check() for check in everywhere("tab-02", "lumni.fr", True))
+            assert all(check() for check in everywhere("tab-01", "example.org", True)), "the rest of the class is free"
 
             status, listed = api("GET", "/v1/overrides")
             assert status == 200 and isinstance(listed, list) and len(listed) == 2
             status, _ = api("DELETE", f"/v1/overrides/{created['id']}")
             assert status == 200
-            assert None not in [wait_until(lambda check=check: not check(), PROPAGATION_SECONDS)  # type: ignore[misc]
-                                for check in everywhere("tab-01", "roblox.com")]
+            assert None not in [wait_until(check, PROPAGATION_SECONDS)
+                                for check in everywhere("tab-01", "roblox.com", False)]
             assert api("DELETE", f"/v1/overrides/{created['id']}")[0] == 404
 
 

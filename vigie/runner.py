@@ -59,6 +59,7 @@ REFRESH_CHECK_SECONDS = 60.0
 FREEZE_EVERY_SECONDS = 5.0
 THAW_EVERY_SECONDS = 3600.0
 THAW_WITH_PROXY_SECONDS = 60.0
+MAIN = "main"  # the role of the process started by `vigie run`
 
 
 class SnapshotHolder:
@@ -141,6 +142,8 @@ def add_run_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
             command.add_argument("--workers", help="DNS worker processes, or `auto` (overrides server.dns.workers)")
         if "proxy" in fronts:
             command.add_argument("--proxy-listen", help="address:port (overrides server.proxy.listen)")
+            command.add_argument("--proxy-workers",
+                                 help="proxy worker processes, or `auto` (overrides server.proxy.workers)")
             command.add_argument("--proxy-mode", choices=("regular", "transparent"),
                                  help="overrides server.proxy.mode")
             command.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
@@ -161,10 +164,12 @@ class Fronts:
     proxy_listen: SocketAddress | None
     proxy_mode: str
     proxy_options: tuple[str, ...]
+    proxy_workers: int
     metrics_listen: SocketAddress | None
     api_listen: SocketAddress | None
-    worker: int = 0  # 0: the main process (proxy, list updates); 1..n-1: extra DNS workers
+    role: str = MAIN  # the main process (DNS, proxy, admin API, list updates), or an extra worker: `dns-1`, `proxy-1`
     udp_sockets: list[socket.socket] | None = None  # bound before forking, shared by the DNS workers
+    proxy_socket: socket.socket | None = None  # bound before forking, shared by the proxy workers
 
 
 def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
@@ -178,9 +183,11 @@ def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
                 dns = dataclasses.replace(dns, upstreams=tuple(SocketAddress.parse(v, 53) for v in args.upstream))
             if args.workers:
                 dns = dataclasses.replace(dns, workers=parse_workers(args.workers))
-        proxy_listen = None
+        proxy_listen, proxy_workers = None, settings.proxy_workers
         if "proxy" in args.fronts:
             proxy_listen = parse_listen(args.proxy_listen) if args.proxy_listen else settings.proxy_listen
+            if args.proxy_workers:
+                proxy_workers = parse_workers(args.proxy_workers)
         metrics_listen = None if args.metrics_listen == "off" else \
             parse_listen(args.metrics_listen) if args.metrics_listen else settings.metrics_listen
         api_listen = None if args.api_listen == "off" else \
@@ -189,7 +196,7 @@ def _fronts(args: argparse.Namespace, settings: ServerSettings) -> Fronts:
         raise VigieError(f"bad value on the command line: {exc} (example: --dns-listen 127.0.0.1:5353, "
                          "--workers 2)") from None
     return Fronts(dns, proxy_listen, getattr(args, "proxy_mode", None) or settings.proxy_mode,
-                  tuple(getattr(args, "set", ())), metrics_listen, api_listen)
+                  tuple(getattr(args, "set", ())), proxy_workers, metrics_listen, api_listen)
 
 
 def run_services(args: argparse.Namespace) -> int:
@@ -204,9 +211,15 @@ def run_services(args: argparse.Namespace) -> int:
     fronts = _fronts(args, holder.snapshot.rules.server)
     workers = []
     try:
+        # Every listening socket is bound here, before any fork: an address in use is said once, and the workers
+        # of a front share its sockets (whichever is free takes the next query or connection).
         if fronts.dns and fronts.dns.workers > 1:
             fronts = dataclasses.replace(fronts, udp_sockets=bind_udp(fronts.dns.listen))
-            workers = _start_dns_workers(holder, fronts)
+        if fronts.proxy_listen is not None:
+            from filter_proxy.server import bind_proxy_socket
+
+            fronts = dataclasses.replace(fronts, proxy_socket=bind_proxy_socket(fronts.proxy_listen))
+        workers = _start_workers(holder, fronts)
         return uvloop.run(_serve(holder, fronts, workers))
     except ListenError as exc:
         raise VigieError(f"{exc} (is another DNS server there? Ports under 1024 need root or "
@@ -215,22 +228,28 @@ def run_services(args: argparse.Namespace) -> int:
         _stop_workers(workers)
 
 
-def _start_dns_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
-    """Fork the extra DNS workers. Each reads the UDP sockets bound before the fork (whoever is free takes the next
-    query), listens on TCP with SO_REUSEPORT, maps the same compiled lists, watches the files itself, and serves its
-    own metrics on the next ports (9108, 9109, ...)."""
-    assert fronts.dns is not None
+def _start_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
+    """Fork the extra workers: DNS workers (`dns.workers` - 1), then proxy workers (`proxy.workers` - 1); the main
+    process is the first of each. A DNS worker reads the UDP sockets bound before the fork and listens on TCP with
+    SO_REUSEPORT; a proxy worker accepts on the proxy's socket bound before the fork. Each maps the same compiled
+    lists, watches the files itself, counts screen time through its own state keeper, and serves its metrics on
+    the next port (9108 for the main process, then 9109, ... in the order above)."""
+    roles: list[Fronts] = []
+    if fronts.dns is not None:
+        roles += [dataclasses.replace(fronts, proxy_listen=None, proxy_socket=None, role=f"dns-{n}")
+                  for n in range(1, fronts.dns.workers)]
+    if fronts.proxy_listen is not None:
+        roles += [dataclasses.replace(fronts, dns=None, udp_sockets=None, role=f"proxy-{n}")
+                  for n in range(1, fronts.proxy_workers)]
     children = []
-    for worker in range(1, fronts.dns.workers):
+    for offset, worker in enumerate(roles, start=1):
+        metrics = fronts.metrics_listen and dataclasses.replace(fronts.metrics_listen,
+                                                                 port=fronts.metrics_listen.port + offset)
         pid = os.fork()
-        if pid == 0:  # the worker: DNS only, until SIGTERM
-            metrics = None
-            if fronts.metrics_listen:
-                metrics = dataclasses.replace(fronts.metrics_listen, port=fronts.metrics_listen.port + worker)
+        if pid == 0:  # the worker: its front only, until SIGTERM
             code = 1
             try:
-                code = uvloop.run(_serve(holder, dataclasses.replace(
-                    fronts, proxy_listen=None, metrics_listen=metrics, worker=worker), []))
+                code = uvloop.run(_serve(holder, dataclasses.replace(worker, metrics_listen=metrics), []))
             finally:
                 os._exit(code)
         children.append(pid)
@@ -286,18 +305,20 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         ca = ensure_ca(Path(settings.data_dir))
         addon = VigieAddon(lambda: holder.snapshot, lambda: keeper.view, count_minute=keeper.usage.record,
                            block_page_for_https=settings.https_block_page, own_addresses=own_addresses(settings))
-        proxy = await start_proxy(addon, fronts.proxy_listen, fronts.proxy_mode, ca.confdir, fronts.proxy_options)
-        listening.append(f"proxy on {fronts.proxy_listen} ({fronts.proxy_mode}; CA certificate {ca.pem})")
+        proxy = await start_proxy(addon, fronts.proxy_socket or fronts.proxy_listen, fronts.proxy_mode, ca.confdir,
+                                  fronts.proxy_options)
+        listening.append(f"proxy on {fronts.proxy_listen} ({fronts.proxy_mode}, {fronts.proxy_workers} worker(s); "
+                         f"CA certificate {ca.pem})")
     api = None
-    if fronts.worker == 0 and fronts.api_listen is not None:
+    if fronts.role == MAIN and fronts.api_listen is not None:
         from vigie.api import AdminApi, ensure_token
 
         api = AdminApi(fronts.api_listen, ensure_token(Path(settings.api.token_file)), lambda: holder.snapshot.rules,
                        lambda: open_store(settings.state))
         api.start()
         listening.append(f"admin API on http://{fronts.api_listen}/v1/ (token in {settings.api.token_file})")
-    BUILD.info({"version": _version(), "role": "main" if fronts.worker == 0 else f"worker-{fronts.worker}"})
-    if fronts.worker == 0:
+    BUILD.info({"version": _version(), "role": fronts.role})
+    if fronts.role == MAIN:
         register_screen_time_metrics(lambda: holder.snapshot, lambda: keeper.view)
     metrics = "off"
     if fronts.metrics_listen:
@@ -322,7 +343,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
     started_workers = len(workers)
     if workers:
         tasks.append(asyncio.create_task(_watch_workers(workers, stop)))
-    if fronts.worker == 0:  # one process updates the lists; the workers see the files change
+    if fronts.role == MAIN:  # one process updates the lists; the workers see the files change
         loop.add_signal_handler(signal.SIGUSR1, update_now.set)
         tasks.append(asyncio.create_task(_refresh_lists(holder, update_now)))
         snapshot = holder.snapshot
