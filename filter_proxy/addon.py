@@ -46,7 +46,8 @@ from policy.metrics import (
     PROXY_REQUESTS,
     PROXY_TLS,
 )
-from policy.model import IPAddress
+from policy.model import IPAddress, PacMode
+from policy.proxy_scope import ProxyScope, hosts_for_proxy
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
@@ -97,6 +98,7 @@ class VigieAddon:
         self._own_addresses = frozenset(own_addresses)
         self._connections: dict[str, KnownConnection] = {}
         self._pinned: dict[str, Pinned] = {}  # by server connection id
+        self._pac_scopes: dict[tuple[int, str], ProxyScope] = {}  # (rules generation, group) → selective PAC
 
     # -- hooks: each one fails closed ------------------------------------------------------------------------------
 
@@ -193,7 +195,7 @@ class VigieAddon:
         if flow.response is not None:
             return
         if is_pac_request(flow):
-            flow.response = pac_response(flow)
+            flow.response = self._pac(flow)
             PAC_SERVED.inc()
             return
         snapshot = self._snapshot()
@@ -365,6 +367,25 @@ class VigieAddon:
         if decision.counts_screen_time and decision.device is not None:
             self._count_minute(decision.device)
         return decision
+
+    def _pac(self, flow: http.HTTPFlow) -> http.Response:
+        """The PAC for the client's group: selective when its group (or the server) says so; every request through
+        the proxy for a client the address does not place in a selective group (fail closed)."""
+        snapshot = self._snapshot()
+        settings = snapshot.rules.server
+        proxies = tuple(str(address) for address in settings.pac_proxies)
+        client = snapshot.identify(flow.client_conn.peername[0])
+        group = snapshot.rules.groups.get(client.group) if client is not None and client.known else None
+        mode = (group.pac or settings.proxy_pac) if group is not None else PacMode.ALL
+        scope = None
+        if group is not None and mode is PacMode.SELECTIVE:
+            key = (snapshot.generation, group.name)
+            scope = self._pac_scopes.get(key)
+            if scope is None:
+                if any(generation != snapshot.generation for generation, _ in self._pac_scopes):
+                    self._pac_scopes.clear()
+                scope = self._pac_scopes[key] = hosts_for_proxy(snapshot, group.name)
+        return pac_response(flow, proxies, scope, f"{snapshot.generation}-{mode.value}")
 
     @staticmethod
     def _needs_inspection(host: str, decision: Decision, snapshot: Snapshot) -> bool:

@@ -43,6 +43,7 @@ from policy.model import (
     ListSource,
     Mode,
     Origin,
+    PacMode,
     PortRange,
     Profile,
     ProxyReach,
@@ -215,6 +216,25 @@ def parse_address(text: str) -> IPAddress:
         raise ValueError("not an IP address") from None
 
 
+MAX_ADDRESS_RANGE = 4096  # a kiosk range or a class's tablets; a larger span is a network (CIDR) to write as one
+
+
+def parse_address_range(text: str) -> tuple[IPAddress, ...]:
+    """`10.99.1.10`, or a range `10.30.0.10-10.30.0.20` (both ends included, same family, at most 4096)."""
+    first_text, dash, last_text = text.strip().partition("-")
+    first = parse_address(first_text)
+    if not dash:
+        return (first,)
+    last = parse_address(last_text)
+    if first.version != last.version:
+        raise ValueError("a range's two ends are both IPv4 or both IPv6")
+    if int(last) < int(first):
+        raise ValueError("a range goes from the lower address to the higher")
+    if int(last) - int(first) >= MAX_ADDRESS_RANGE:
+        raise ValueError(f"more than {MAX_ADDRESS_RANGE} addresses: write a network (CIDR) in `networks:`")
+    return tuple(type(first)(int(first) + offset) for offset in range(int(last) - int(first) + 1))
+
+
 def parse_listen(text: str) -> SocketAddress:
     return SocketAddress.parse(text)
 
@@ -341,8 +361,13 @@ class _RulesReader:
             if field else {}
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
-        proxy = keys["proxy"].mapping(("listen", "mode", "workers", "https_block_page", "deny_networks",
-                                       "internal_hosts", "connect_ports", "http_ports")) if "proxy" in keys else {}
+        proxy = keys["proxy"].mapping(("listen", "mode", "workers", "pac", "pac_proxies", "https_block_page",
+                                       "deny_networks", "internal_hosts", "connect_ports", "http_ports")) \
+            if "proxy" in keys else {}
+        pac = proxy["pac"].choice(tuple(m.value for m in PacMode)) if "pac" in proxy else None
+        pac_proxies = tuple(address for item in proxy["pac_proxies"].items()
+                            if (address := item.converted(parse_listen, "10.99.0.1:8080")) is not None) \
+            if "pac_proxies" in proxy else ()
         proxy_workers = proxy["workers"].converted(parse_workers, "auto") if "workers" in proxy else None
         proxy_mode = proxy["mode"].choice(("regular", "transparent")) if "mode" in proxy else None
         https_block_page = proxy["https_block_page"].boolean() if "https_block_page" in proxy else None
@@ -366,6 +391,8 @@ class _RulesReader:
                             if "listen" in metrics else None) or defaults.metrics_listen,
             proxy_mode=proxy_mode or defaults.proxy_mode,
             proxy_workers=proxy_workers or defaults.proxy_workers,
+            proxy_pac=PacMode(pac) if pac else defaults.proxy_pac,
+            pac_proxies=pac_proxies,
             https_block_page=defaults.https_block_page if https_block_page is None else https_block_page,
             proxy_reach=self._proxy_reach(proxy),
             state=state or StoreAddress("sqlite", str(data_path / "state.sqlite3")),
@@ -640,7 +667,8 @@ class _RulesReader:
         claimed: list[tuple[IPNetwork, str, Field]] = []
         addresses_seen: dict[IPAddress, str] = {}
         for name, entry in field.entries("a mapping of groups") if field else []:
-            keys = entry.mapping(("networks", "addresses", "schedule", "profile"))
+            keys = entry.mapping(("networks", "addresses", "schedule", "profile", "pac"))
+            pac = keys["pac"].choice(tuple(m.value for m in PacMode)) if "pac" in keys else None
             networks: list[IPNetwork] = []
             for item in keys["networks"].items() if "networks" in keys else []:
                 network = item.converted(parse_network, "10.20.1.0/24")
@@ -656,14 +684,12 @@ class _RulesReader:
                     networks.append(network)
             addresses: list[IPAddress] = []
             for item in keys["addresses"].items() if "addresses" in keys else []:
-                address = item.converted(parse_address, "10.99.1.10")
-                if address is None:
-                    continue
-                if address in addresses_seen:
-                    item.error(f"{address} is already a member of group {addresses_seen[address]!r}")
-                    continue
-                addresses_seen[address] = name
-                addresses.append(address)
+                for address in item.converted(parse_address_range, "10.99.1.10, or 10.30.0.10-10.30.0.20") or ():
+                    if address in addresses_seen:
+                        item.error(f"{address} is already a member of group {addresses_seen[address]!r}")
+                        break
+                    addresses_seen[address] = name
+                    addresses.append(address)
             schedule = profile = None
             if "schedule" in keys and "profile" in keys:
                 entry.error("a group has either `schedule:` or a fixed `profile:`, not both")
@@ -679,7 +705,8 @@ class _RulesReader:
                 entry.error("a group needs a `schedule:` or a fixed `profile:`")
             if schedule is None and profile is None:
                 continue
-            groups[name] = Group(name, tuple(networks), tuple(addresses), schedule, profile, entry.origin)
+            groups[name] = Group(name, tuple(networks), tuple(addresses), schedule, profile, entry.origin,
+                                 PacMode(pac) if pac else None)
         return groups
 
     def _vpn(self, field: Field, groups: dict[str, Group]) -> VpnSettings | None:

@@ -42,6 +42,14 @@ class BlockAnswer(enum.Enum):
     BLOCKPAGE = "blockpage"
 
 
+class PacMode(enum.Enum):
+    """What the proxy auto-configuration file sends to the proxy: every request, or only the hosts the proxy has
+    something to do with for the client's group (the rest DIRECT, filtered by DNS)."""
+
+    ALL = "all"
+    SELECTIVE = "selective"
+
+
 @dataclass(frozen=True)
 class ListSource:
     name: str
@@ -150,6 +158,7 @@ class Group:
     schedule: str | None
     profile: str | None
     origin: Origin
+    pac: PacMode | None = None  # None: server.proxy.pac
 
 
 @dataclass(frozen=True)
@@ -272,6 +281,8 @@ class ServerSettings:
     proxy_listen: SocketAddress = SocketAddress("127.0.0.1", 8080)
     proxy_mode: str = "regular"  # or "transparent", behind a firewall redirect
     proxy_workers: int = 1  # processes accepting on the proxy's socket; production: one per core
+    proxy_pac: PacMode = PacMode.ALL
+    pac_proxies: tuple[SocketAddress, ...] = ()  # the proxies a PAC names; () = the address the client reached
     https_block_page: bool = True  # intercept blocked HTTPS to show the page (else the CONNECT is refused)
     proxy_reach: ProxyReach = field(default_factory=ProxyReach)
     metrics_listen: SocketAddress = SocketAddress("127.0.0.1", 9108)

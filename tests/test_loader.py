@@ -94,6 +94,25 @@ BAD = [
     ("a bad list size limit is refused", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                           "  lists: {max_size: lots}"),
      r"rules.yaml:3:\d+: server.lists.max_size: 'lots': not a size \(example: 512MB\)"),
+    ("a reversed address range is explained", ("  cm2-b: {networks: [10.20.2.0/24], schedule: school}",
+                                               "  cm2-b: {addresses: [10.30.0.20-10.30.0.10], schedule: school}"),
+     r"rules.yaml:10:\d+: groups.cm2-b.addresses\[0\]: '10.30.0.20-10.30.0.10': a range goes from the lower"),
+    ("an address range mixing families is refused", ("  cm2-b: {networks: [10.20.2.0/24], schedule: school}",
+                                                     "  cm2-b: {addresses: ['10.30.0.1-::5'], schedule: school}"),
+     r"groups.cm2-b.addresses\[0\]: .*both IPv4 or both IPv6"),
+    ("a huge address range is a network", ("  cm2-b: {networks: [10.20.2.0/24], schedule: school}",
+                                           "  cm2-b: {addresses: [10.30.0.0-10.31.0.0], schedule: school}"),
+     r"more than 4096 addresses: write a network \(CIDR\)"),
+    ("an address in two ranges belongs to one group", ("  cm2-b: {networks: [10.20.2.0/24], schedule: school}",
+                                                       "  cm2-b: {addresses: [10.30.0.1-10.30.0.9, 10.30.0.5], "
+                                                       "schedule: school}"),
+     r"groups.cm2-b.addresses\[1\]: 10.30.0.5 is already a member of group 'cm2-b'"),
+    ("a PAC mode is all or selective", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
+                                        "  proxy: {pac: some}"),
+     r"rules.yaml:3:\d+: server.proxy.pac: 'some' is not one of: all, selective"),
+    ("a group's PAC mode is checked too", ("  cm2-a: {networks: [10.20.1.0/24], schedule: school}",
+                                           "  cm2-a: {networks: [10.20.1.0/24], schedule: school, pac: direct}"),
+     r"rules.yaml:9:\d+: groups.cm2-a.pac: 'direct' is not one of: all, selective"),
     ("proxy workers are a number or auto", ("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n"
                                             "  proxy: {workers: many}"),
      r"rules.yaml:3:\d+: server.proxy.workers: 'many': .* \(example: auto\)"),
@@ -261,3 +280,12 @@ def test_time_ranges_whole_day_and_past_midnight() -> None:
     assert night.crosses_midnight and str(night) == "22:00-02:00"
     with pytest.raises(ValueError, match="empty range"):
         parse_time_range("08:00-08:00")
+
+
+def test_an_address_range_lists_every_address_of_a_kiosk(tmp_path: Path) -> None:
+    (tmp_path / "city.txt").write_text("roblox.com\n")
+    text = BASE.replace("  cm2-b: {networks: [10.20.2.0/24], schedule: school}",
+                        "  cm2-b: {addresses: [10.30.0.10-10.30.0.20, '2001:db8::1-2001:db8::3'], schedule: school}")
+    loaded = load_rules(write_tree(tmp_path, {"rules.yaml": text})).rules
+    addresses = [str(a) for a in loaded.groups["cm2-b"].addresses]
+    assert addresses == [f"10.30.0.{n}" for n in range(10, 21)] + ["2001:db8::1", "2001:db8::2", "2001:db8::3"]

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import re
 import time
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import free_port, write_tree
 from tests.proxy_servers import Origin, ProxyProcess, curl
+from tests.test_pac import metrics_text
 from tests.test_proxy_end_to_end import FILES
 
 WORKERS = 2
@@ -20,7 +20,7 @@ def requests_by_worker(metrics_port: int) -> list[float]:
     """Requests each worker has decided, read from its own metrics endpoint (the main process, then the next port)."""
     counts = []
     for port in range(metrics_port, metrics_port + WORKERS):
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        text = metrics_text(port)
         counts.append(sum(float(value) for value in re.findall(r"^vigie_proxy_requests_total\{.*\} (\S+)$", text,
                                                                re.MULTILINE)))
     return counts
