@@ -44,7 +44,7 @@ from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
 from policy.destination import listed_address
-from policy.engine import decide
+from policy.engine import OPENING_HORIZON, decide, next_allowed
 from policy.metrics import (
     DNS_ANSWER_BLOCKS,
     DNS_CACHE_BYTES,
@@ -284,7 +284,8 @@ class DnsFront:
         ttl_cap = self._ttl_cap(decision, snapshot, now)
         if decision.action is Action.BLOCK:
             ttl = min(ttl_cap, BLOCK_TTL)
-            reply = _Reply(self._block_reply(request, decision, snapshot, ttl), ttl)
+            reply = _Reply(self._block_reply(request, decision, snapshot, ttl,
+                                             opens=self._opening(client, name, now, snapshot)), ttl)
         elif decision.action is Action.REFUSE:
             reply = _Reply(_rcode_reply(request, RCODE.REFUSED))
         elif question.qtype in _SVCB_TYPES and decision.action is Action.REWRITE:
@@ -322,9 +323,9 @@ class DnsFront:
         return verdict
 
     def _block_reply(self, request: DNSRecord, decision: Verdict, snapshot: Snapshot, ttl: int,
-                     via: str | None = None) -> DNSRecord:
+                     via: str | None = None, opens: str = "") -> DNSRecord:
         """The block answer for the question; `via`: the chained name or address of the answer that was blocked,
-        named in the extended error text."""
+        named in the extended error text, with `opens` (when the site opens again)."""
         settings = snapshot.rules.server.dns
         question = request.questions[0]
         reply = _reply_to(request)
@@ -343,9 +344,17 @@ class DnsFront:
             # outlasts the decision; without one, clients would ask again at once.
             reply.add_auth(RR(question.qname, QTYPE.SOA, ttl=ttl, rdata=SOA(
                 BLOCK_SOA_NAME, "hostmaster." + BLOCK_SOA_NAME, (snapshot.generation % 2**32, 3600, 600, 86400, ttl))))
-        text = decision.extended_text + (f" (via {via})" if via else "")
+        text = decision.extended_text + (f" (via {via})" if via else "") + opens
         return _with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", decision.extended_error)
                                                      + text.encode()))
+
+    def _opening(self, client: Client, name: str, now: datetime, snapshot: Snapshot) -> str:
+        """When `name` opens again for `client`, for the extended error text (as the block page and `vigie explain`
+        say it): the first instant the engine allows it, within OPENING_HORIZON."""
+        opens = next_allowed(Query(client, name, now), snapshot, self.current_state())
+        if opens is None:
+            return f"; not allowed in the next {OPENING_HORIZON.days} days"
+        return f"; allowed again {opens.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}"
 
     @staticmethod
     def _resolver_arpa_reply(request: DNSRecord, qname: str) -> DNSRecord:
@@ -381,7 +390,9 @@ class DnsFront:
             judged = self.judge_answer(raw, client, snapshot, now, ttl_cap)
             if judged.blocked is not None:
                 ttl = min(judged.ttl_cap, BLOCK_TTL)
-                return _Reply(self._block_reply(request, judged.blocked, snapshot, ttl, judged.via), ttl)
+                opens = self._opening(client, judged.via, now, snapshot) if judged.via and \
+                    not judged.via[-1].isdigit() and ":" not in judged.via else ""  # a name, not an address
+                return _Reply(self._block_reply(request, judged.blocked, snapshot, ttl, judged.via, opens), ttl)
             ttl_cap = judged.ttl_cap
         reply = _reply_to(request)
         reply.header.rcode = upstream_answer.header.rcode

@@ -22,6 +22,12 @@ def test_check_accepts_valid_rules_with_a_summary(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert "OK" in result.stdout and "groups (2)" in result.stdout
     assert "games                        2 domains" in result.stdout
+    kiosk = BASE.replace("  cm2-b: {networks: [10.20.2.0/24], schedule: school}",
+                         "  cm2-b: {addresses: [10.30.0.10-10.30.0.20], schedule: school}")
+    rules.write_text(kiosk)
+    result = vigie("check", str(rules))
+    assert result.returncode == 0, result.stderr
+    assert "11 address(es); 0 device(s)" in result.stdout, result.stdout
 
 
 def test_check_takes_the_rules_as_every_other_command_does_too(tmp_path: Path) -> None:

@@ -52,7 +52,7 @@ def test_a_blocked_name_gets_nxdomain_with_an_extended_error(
     vigie, upstream, _ = running
     out = dig(vigie.dns_port, "www.roblox.com", "A")
     assert "status: NXDOMAIN" in out
-    assert "EDE: 15 (Blocked): (games)" in out
+    assert "EDE: 15 (Blocked): (games; not allowed in the next 14 days)" in out, "why, and when it opens again"
     out = dig(vigie.dns_port, "+noedns", "tiktok.com", "A")
     assert "status: NXDOMAIN" in out and "EDE" not in out, "no EDNS in the answer when the client sent none"
     assert "dns.google" not in upstream.asked and "roblox.com" not in " ".join(upstream.asked)

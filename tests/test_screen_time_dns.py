@@ -131,7 +131,9 @@ def test_minutes_count_on_the_cached_path_and_a_spent_budget_blocks(
     clock.advance(60)  # 18:02: two minutes of two used
     blocked = dns.ask("wikipedia.org")
     assert blocked.header.rcode == 3, "NXDOMAIN: the budget is spent"
-    assert b"screen_time" in blocked.pack()  # the Extended DNS Error names why
+    assert b"screen_time; allowed again 2026-11-24 00:00" in blocked.pack(), "why, and when: the budget resets"
+    # A game: the budget blocks it now, and at midnight its category still does.
+    assert b"screen_time; not allowed in the next 14 days" in dns.ask("roblox.com").pack()
     assert dns.ask("lumni.fr").header.rcode == 0, "the allow list stays reachable"
     assert dns.ask("mesu.apple.com").header.rcode == 0, "background services stay reachable"
     keeper.step()

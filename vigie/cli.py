@@ -133,8 +133,11 @@ def summary(snapshot: Snapshot, warnings: int) -> str:
     lines.append(f"groups ({len(rules.groups)}):")
     for group in rules.groups.values():
         how = f"schedule {group.schedule}" if group.schedule else f"profile {group.profile}"
-        nets = ", ".join(str(n) for n in group.networks) or "no network"
-        lines.append(f"  {group.name:<20} {how:<24} {nets}; {members[group.name]} device(s)")
+        where = [", ".join(str(n) for n in group.networks)] if group.networks else []
+        if group.addresses:
+            where.append(f"{len(group.addresses)} address(es)")
+        lines.append(f"  {group.name:<20} {how:<24} {'; '.join(where) or 'no network or address'}; "
+                     f"{members[group.name]} device(s)")
     lines.append(f"profiles ({len(rules.profiles)}): " + ", ".join(
         f"{p.name} ({p.mode.value})" for p in rules.profiles.values()))
     lines.append(f"categories ({len(rules.categories)}):")
