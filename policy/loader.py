@@ -52,6 +52,7 @@ from policy.model import (
     ScheduleRule,
     ServerSettings,
     SocketAddress,
+    TeacherSettings,
     TimeRange,
     UrlRule,
     VpnSettings,
@@ -357,8 +358,8 @@ class _RulesReader:
     def _server(self, field: Field | None) -> ServerSettings:
         """The server section; paths (data_dir, the SQLite state, the API token) are taken from rules.yaml's
         directory, also when the section is absent."""
-        keys = field.mapping(("dns", "proxy", "metrics", "state", "state_password_file", "data_dir", "lists", "api")) \
-            if field else {}
+        keys = field.mapping(("dns", "proxy", "metrics", "state", "state_password_file", "data_dir", "lists", "api",
+                              "teacher")) if field else {}
         defaults = ServerSettings()
         dns = self._dns(keys["dns"]) if "dns" in keys else defaults.dns
         proxy = keys["proxy"].mapping(("listen", "mode", "workers", "pac", "pac_proxies", "https_block_page",
@@ -400,7 +401,24 @@ class _RulesReader:
             api=self._api(keys["api"], data_path) if "api" in keys else ApiSettings(
                 token_file=str(data_path / "api-token")),
             list_updates=self._list_updates(keys["lists"]) if "lists" in keys else defaults.list_updates,
+            teacher=self._teacher(keys["teacher"]) if "teacher" in keys else TeacherSettings(
+                accounts=str(self.base_dir / TeacherSettings.accounts)),
         )
+
+    def _teacher(self, field: Field) -> TeacherSettings:
+        keys = field.mapping(("listen", "accounts", "allow_networks", "certificate", "key"))
+        listen = keys["listen"].converted(parse_listen, "0.0.0.0:8443") if "listen" in keys else None
+        accounts = keys["accounts"].text("teachers.yaml") if "accounts" in keys else None
+        networks = tuple(network for item in keys["allow_networks"].items()
+                         if (network := item.converted(parse_network, "10.20.0.0/24")) is not None) \
+            if "allow_networks" in keys else ()
+        certificate = keys["certificate"].text("/etc/vigie/teacher.pem") if "certificate" in keys else None
+        key = keys["key"].text("/etc/vigie/teacher.key") if "key" in keys else None
+        if (certificate is None) != (key is None):
+            field.error("give both `certificate` and `key` (PEM files), or neither for one from Vigie's CA")
+        return TeacherSettings(listen, str(self.base_dir / (accounts or TeacherSettings.accounts)), networks,
+                               str(self.base_dir / certificate) if certificate else None,
+                               str(self.base_dir / key) if key else None)
 
     @staticmethod
     def _proxy_reach(keys: dict[str, Field]) -> ProxyReach:

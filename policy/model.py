@@ -220,6 +220,18 @@ class DnsSettings:
 
 
 @dataclass(frozen=True)
+class TeacherSettings:
+    """The teachers' page: off unless `listen` is set; HTTPS with `certificate` and `key`, or a certificate from
+    Vigie's CA. `allow_networks`: who may reach it (empty: anyone who reaches the port)."""
+
+    listen: SocketAddress | None = None
+    accounts: str = "teachers.yaml"
+    allow_networks: tuple[IPNetwork, ...] = ()
+    certificate: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
 class ApiSettings:
     """The admin API (overrides, usage): token-protected, on loopback unless the admin says otherwise."""
 
@@ -288,6 +300,7 @@ class ServerSettings:
     metrics_listen: SocketAddress = SocketAddress("127.0.0.1", 9108)
     state: StoreAddress = field(default_factory=lambda: StoreAddress("sqlite", "var/state.sqlite3"))
     api: ApiSettings = field(default_factory=ApiSettings)
+    teacher: TeacherSettings = field(default_factory=TeacherSettings)
     data_dir: str = "var"
     list_updates: UpdatePolicy = field(default_factory=UpdatePolicy)
 

@@ -21,6 +21,7 @@ from policy.snapshot import Snapshot
 from policy.state import EMPTY_STATE, StateView
 from policy.state_store import StoreUnavailable, open_store
 from vigie.loading import load_snapshot
+from vigie.teachers import load_teachers
 
 DEFAULT_RULES = Path("rules.yaml")
 
@@ -95,11 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     from vigie.lists_cli import add_lists_commands
     from vigie.runner import add_run_commands
     from vigie.state_cli import add_state_commands
+    from vigie.teachers_cli import add_teachers_commands
 
     add_run_commands(commands)
     add_lists_commands(commands)
     add_state_commands(commands)
     add_devices_commands(commands)
+    add_teachers_commands(commands)
     return parser
 
 
@@ -120,7 +123,19 @@ def run_check(args: argparse.Namespace) -> int:
         print(f"{args.rules}: {errors} error(s), {warnings} warning(s); nothing was changed", file=sys.stderr)
         return 1
     print_problems(loaded.warnings)
+    teacher = loaded.snapshot.rules.server.teacher
+    accounts = Path(teacher.accounts)
+    if teacher.listen is not None or accounts.exists():  # the teachers' page is on, or its accounts are there
+        try:
+            count = len(load_teachers(accounts, loaded.snapshot.rules))
+        except ConfigError as exc:
+            print_problems(exc.problems)
+            print(f"{accounts}: {len(exc.errors)} error(s); nothing was changed", file=sys.stderr)
+            return 1
     print(summary(loaded.snapshot, sum(p.severity is Severity.WARNING for p in loaded.warnings)))
+    if teacher.listen is not None or accounts.exists():
+        print(f"teachers' page: {'on ' + str(teacher.listen) if teacher.listen else 'off'}; {count} account(s) "
+              f"in {accounts}")
     return 0
 
 

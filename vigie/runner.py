@@ -317,6 +317,14 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
                        lambda: open_store(settings.state))
         api.start()
         listening.append(f"admin API on http://{fronts.api_listen}/v1/ (token in {settings.api.token_file})")
+    teacher_page = None
+    if fronts.role == MAIN and settings.teacher.listen is not None:
+        from vigie.teacher_page import TeacherPage
+
+        teacher_page = TeacherPage(settings.teacher, lambda: holder.snapshot, lambda: open_store(settings.state),
+                                   Path(settings.data_dir))
+        teacher_page.start()
+        listening.append(f"teachers' page on https://{settings.teacher.listen}/ (accounts {settings.teacher.accounts})")
     BUILD.info({"version": _version(), "role": fronts.role})
     if fronts.role == MAIN:
         register_screen_time_metrics(lambda: holder.snapshot, lambda: keeper.view)
@@ -363,6 +371,8 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         await proxy.stop()
     if api is not None:
         await asyncio.to_thread(api.stop)
+    if teacher_page is not None:
+        teacher_page.stop()
     await asyncio.to_thread(keeper.stop)
     if len(workers) < started_workers:
         return 1
