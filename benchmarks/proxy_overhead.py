@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -24,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -102,6 +104,23 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes], what: str) -> Non
                 return
         time.sleep(0.1)
     raise SystemExit(f"{what} did not listen on {port}")
+
+
+@contextlib.contextmanager
+def nginx_origin(workdir: Path) -> Iterator[tuple[int, int, Path]]:
+    """nginx on loopback answering "ok" over HTTP and HTTPS: (http port, https port, the CA of its certificate)."""
+    origin_ca, origin_cert = make_origin_certificates(workdir)
+    http_port, https_port = free_port(), free_port()
+    (workdir / "nginx.conf").write_text(NGINX.format(dir=workdir, http=http_port, https=https_port,
+                                                     cert=origin_cert))
+    nginx = subprocess.Popen(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(http_port, nginx, "nginx")
+        yield http_port, https_port, origin_ca
+    finally:
+        nginx.terminate()
+        nginx.wait(10)
 
 
 def hey(proxy_port: int, url: str, options: tuple[str, ...], seconds: float, concurrency: int) -> float:
@@ -194,14 +213,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     arguments = parser.parse_args()
     ensure_tools()
-    with tempfile.TemporaryDirectory(prefix="vigie-proxy-bench-") as temp:
+    with tempfile.TemporaryDirectory(prefix="vigie-proxy-bench-") as temp, \
+            nginx_origin(Path(temp)) as (http_port, https_port, origin_ca):
         workdir = Path(temp)
-        origin_ca, origin_cert = make_origin_certificates(workdir)
-        http_port, https_port = free_port(), free_port()
-        (workdir / "nginx.conf").write_text(NGINX.format(dir=workdir, http=http_port, https=https_port,
-                                                         cert=origin_cert))
-        nginx = subprocess.Popen(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rules = workdir / "rules.yaml"
         rules.write_text(RULES)
         env = {**os.environ, "VIGIE_TEST_ORIGIN_HTTP": str(http_port), "VIGIE_TEST_ORIGIN_HTTPS": str(https_port)}
@@ -225,7 +239,6 @@ def main() -> None:
         processes = []
         rows = []
         try:
-            wait_for_port(http_port, nginx, "nginx")
             for name, command in commands.items():  # side by side, idle while the others are measured
                 processes.append(start_proxy(command, ports[name], env, workdir / f"{name}.log"))
             for label, url, options, plain_passes_tls in PATHS:
@@ -241,8 +254,6 @@ def main() -> None:
             for process in processes:
                 process.terminate()
                 process.wait(10)
-            nginx.terminate()
-            nginx.wait(10)
         engine_median, engine_p99, hook_median, hook_p99 = decision_latency(rules)
 
     def ratios(ours: list[float], theirs: list[float]) -> str:

@@ -28,9 +28,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from benchmarks.proxy_overhead import NGINX, start_proxy, wait_for_port  # noqa: E402
+from benchmarks.proxy_overhead import nginx_origin, start_proxy  # noqa: E402
 from tests.conftest import UT1_ARCHIVE, free_port  # noqa: E402
-from tests.proxy_servers import make_origin_certificates  # noqa: E402
 
 CATEGORIES = ("adult", "mixed_adult", "games", "social_networks", "chat", "gambling")
 BLOCKED_HOST = "www.roblox.com"  # in UT1's games: blocked by both
@@ -142,14 +141,9 @@ def main() -> None:
     arguments = parser.parse_args()
     ensure_tools()
     cores = os.cpu_count() or 1
-    with tempfile.TemporaryDirectory(prefix="vigie-e2g-bench-") as temp:
+    with tempfile.TemporaryDirectory(prefix="vigie-e2g-bench-") as temp, \
+            nginx_origin(Path(temp)) as (http_port, https_port, _):
         workdir = Path(temp)
-        _, origin_cert = make_origin_certificates(workdir)
-        http_port, https_port = free_port(), free_port()
-        (workdir / "nginx.conf").write_text(NGINX.format(dir=workdir, http=http_port, https=https_port,
-                                                         cert=origin_cert))
-        nginx = subprocess.Popen(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         rules = workdir / "rules.yaml"
         rules.write_text(RULES)
         domains = ut1_domains(CATEGORIES)
@@ -172,7 +166,6 @@ def main() -> None:
         results: dict[str, dict[str, list[tuple[float, float]]]] = {}
         memory: dict[str, float] = {}
         try:
-            wait_for_port(http_port, nginx, "nginx")
             env = dict(os.environ)
             for name, command in commands.items():  # side by side, idle while the others are measured
                 processes[name] = start_proxy(command, ports[name], env, workdir / f"{name}.log")
@@ -201,8 +194,6 @@ def main() -> None:
                     process.wait(10)
                 except subprocess.TimeoutExpired:
                     process.kill()
-            nginx.terminate()
-            nginx.wait(10)
 
     def ratio(ours: list[tuple[float, float]], theirs: list[tuple[float, float]]) -> str:
         each = sorted(a[0] / b[0] for a, b in zip(ours, theirs, strict=True))

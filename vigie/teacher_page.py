@@ -50,6 +50,7 @@ FAILURES_PER_MINUTE = 5  # per account and per address; the next attempts wait, 
 SLOW_DOWN_SECONDS = 2.0
 DEFAULT_MINUTES = 55  # a lesson
 MAX_MINUTES = 8 * 60  # longer belongs to the IT department
+MAX_TRACKED = 10_000  # accounts and addresses whose failed sign-ins are remembered
 ONLY_NOTE = "seulement "  # the note of the two overrides an "only this site" makes: ended together
 
 
@@ -58,6 +59,9 @@ class Session:
     account: str
     started: float
     seen: float
+
+    def alive(self, now: float) -> bool:
+        return now - self.seen <= SESSION_IDLE_SECONDS and now - self.started <= SESSION_MAX_SECONDS
 
 
 @dataclass
@@ -72,6 +76,8 @@ class Failures:
 
     def add(self, *keys: str) -> None:
         now = time.monotonic()
+        if len(self.by_key) > MAX_TRACKED:  # many names tried: forget those whose minute is over
+            self.by_key = {key: times for key, times in self.by_key.items() if now - times[-1] < 60}
         for key in keys:
             self.by_key[key] = [t for t in self.by_key.get(key, []) if now - t < 60] + [now]
 
@@ -205,7 +211,7 @@ class PageHandler(tornado.web.RequestHandler):
         token = self.get_cookie(SESSION_COOKIE)
         session = self.page.sessions.get(token or "")
         now = time.monotonic()
-        if session is None or now - session.seen > SESSION_IDLE_SECONDS or now - session.started > SESSION_MAX_SECONDS:
+        if session is None or not session.alive(now):
             if token:
                 self.page.sessions.pop(token, None)
             return None
@@ -249,6 +255,7 @@ class LoginHandler(PageHandler):
             return
         token = secrets.token_urlsafe(32)
         now = time.monotonic()
+        self.page.sessions = {key: session for key, session in self.page.sessions.items() if session.alive(now)}
         self.page.sessions[token] = Session(teacher.account, now, now)
         self.set_cookie(SESSION_COOKIE, token, secure=True, httponly=True, samesite="Strict", path="/")
         log.info("teachers' page: %s signed in", teacher.account)
