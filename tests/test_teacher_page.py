@@ -114,7 +114,7 @@ def running(tmp_path: Path) -> Iterator[tuple[VigieProcess, int, Path]]:
     port = free_port()
     rules = write_tree(tmp_path, {"rules.yaml": rules_text(port), "games.txt": "roblox.com\n"})
     add_teachers(rules)
-    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port) as dns:
+    with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, free_port()) as dns:
         assert f"teachers' page on https://127.0.0.1:{port}/" in dns.output()
         yield dns, port, tmp_path / "var" / "ca" / "vigie-ca.pem"
 
@@ -225,3 +225,17 @@ def test_a_teacher_locks_her_class_from_chromium_and_dig_sees_it(running: tuple[
         header = [image.getpixel((x, 10)) for x in range(0, size[0], 16)]
         assert sum(1 for p in header if abs(p[0] - 0x0B) < 8 and abs(p[2] - 0xAD) < 8) > len(header) * 0.8, \
             f"{shot.name}: the blue header across the top"
+
+
+def test_the_class_sees_what_was_blocked_as_counts_per_category(running: tuple[VigieProcess, int, Path]) -> None:
+    dns, port, ca = running
+    page = Page(port, ca)
+    assert page.sign_in("mme.martin", PASSWORDS["mme.martin"])[0] == 200
+    assert "Bloqué dans la dernière heure : rien" in page.request("/classe/cm2-a")[1]
+    for name in ("roblox.com", "www.roblox.com", "roblox.com"):
+        assert "status: NXDOMAIN" in dig(dns.dns_port, name, "-b", CLASS_A)
+    assert "status: NXDOMAIN" in dig(dns.dns_port, "roblox.com", "-b", CLASS_B)  # the other class: not counted here
+    time.sleep(6)  # a sample is taken at most every 5 s
+    body = page.request("/classe/cm2-a")[1]
+    assert "Bloqué dans la dernière heure : games 3" in body, body[body.find("<main>"):][:600]
+    assert "roblox" not in body, "counts, never sites"

@@ -256,6 +256,18 @@ def _start_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
     return children
 
 
+def _metrics_endpoints(fronts: Fronts) -> tuple[str, ...]:
+    """The /metrics of every process of this server: the main one, then each extra worker on the next port."""
+    if fronts.metrics_listen is None:
+        return ()
+    extra = (fronts.dns.workers - 1 if fronts.dns else 0) + (fronts.proxy_workers - 1 if fronts.proxy_listen else 0)
+    host = fronts.metrics_listen.host
+    if host in ("0.0.0.0", "::"):
+        host = "127.0.0.1" if host == "0.0.0.0" else "::1"
+    host = f"[{host}]" if ":" in host else host
+    return tuple(f"http://{host}:{fronts.metrics_listen.port + offset}/metrics" for offset in range(extra + 1))
+
+
 def _stop_workers(workers: list[int]) -> None:
     for pid in workers:
         with contextlib.suppress(ProcessLookupError):
@@ -322,7 +334,7 @@ async def _serve(holder: SnapshotHolder, fronts: Fronts, workers: list[int]) -> 
         from vigie.teacher_page import TeacherPage
 
         teacher_page = TeacherPage(settings.teacher, lambda: holder.snapshot, lambda: open_store(settings.state),
-                                   Path(settings.data_dir))
+                                   Path(settings.data_dir), _metrics_endpoints(fronts))
         teacher_page.start()
         listening.append(f"teachers' page on https://{settings.teacher.listen}/ (accounts {settings.teacher.accounts})")
     BUILD.info({"version": _version(), "role": fronts.role})

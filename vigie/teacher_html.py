@@ -30,7 +30,8 @@ TEXTS: dict[str, dict[str, str]] = {
         "refused_minutes": "Une durée de 1 à 480 minutes.", "refused_not_found": "Cette dérogation est déjà "
         "terminée.", "refused_other": "Refusé : {reason}", "store_down": "Le stockage d'état est injoignable : "
         "réessayez dans un instant.", "error": "Erreur {code}", "forbidden": "Cette page n'est pas pour vous.",
-        "back": "Retour",
+        "back": "Retour", "blocks": "Bloqué dans la dernière heure : {counts}", "nothing": "rien",
+        "no_category": "hors catégorie",
     },
     "en": {
         "title": "Vigie — class management", "sign_in": "Sign in", "account": "Account", "password": "Password",
@@ -52,6 +53,7 @@ TEXTS: dict[str, dict[str, str]] = {
         "refused_minutes": "A duration from 1 to 480 minutes.", "refused_not_found": "That override has ended "
         "already.", "refused_other": "Refused: {reason}", "store_down": "The state store is unreachable: try again "
         "in a moment.", "error": "Error {code}", "forbidden": "This page is not for you.", "back": "Back",
+        "blocks": "Blocked in the last hour: {counts}", "nothing": "nothing", "no_category": "no category",
     },
 }
 
@@ -109,7 +111,8 @@ TEMPLATES = {
 {% end %}""",
     "class.html": """{% extends "layout.html" %}{% block main %}
 {% if notice %}<p class="notice{{ " bad" if notice_bad else "" }}" role="status">{{ notice }}</p>{% end %}
-<section><h2>{{ t["class"] }} {{ group }}</h2><p>{{ status_line }}</p><p class="muted">{{ usage_line }}</p></section>
+<section><h2>{{ t["class"] }} {{ group }}</h2><p>{{ status_line }}</p><p class="muted">{{ usage_line }}</p>
+{% if blocks_line %}<p class="muted">{{ blocks_line }}</p>{% end %}</section>
 <section><h2>{{ t["overrides"] }}</h2>
 {% if not overrides %}<p class="muted">{{ t["no_override"] }}</p>{% end %}
 {% for override_id, title, detail in overrides %}<div class="override"><div>
@@ -164,8 +167,13 @@ def class_values(language: str, facts: dict[str, Any], outcome: tuple[str, str] 
             notice, bad = t.get("refused_" + detail, t["refused_other"].format(reason=detail)), True
         else:
             notice, bad = t["store_down"], True
-    return {"status_line": status, "usage_line": usage_line, "overrides": overrides, "notice": notice,
-            "notice_bad": bad}
+    blocks_line = None
+    if facts["blocks_known"]:
+        counts = ", ".join(f"{t['no_category'] if category == 'none' else category} {count}"
+                           for category, count in facts["blocks"])
+        blocks_line = t["blocks"].format(counts=counts or t["nothing"])
+    return {"status_line": status, "usage_line": usage_line, "blocks_line": blocks_line, "overrides": overrides,
+            "notice": notice, "notice_bad": bad}
 
 
 def render(name: str, language: str, **values: Any) -> bytes:

@@ -13,12 +13,14 @@ refused); `allow_networks` may keep the pupils' networks out; no script, no exte
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
 import secrets
 import ssl
 import time
+import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -28,6 +30,7 @@ import tornado.httpserver
 import tornado.web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from prometheus_client.parser import text_string_to_metric_families
 
 from blocklists.errors import NameRejected, VigieError
 from blocklists.names import normalize_domain
@@ -82,12 +85,67 @@ class Failures:
             self.by_key[key] = [t for t in self.by_key.get(key, []) if now - t < 60] + [now]
 
 
+BLOCK_SERIES = ("vigie_dns_queries_total", "vigie_proxy_requests_total")
+BLOCK_WINDOW_SECONDS = 3600
+SAMPLE_SECONDS = 60
+
+
+class RecentBlocks:
+    """What was blocked for each class in the last hour, as counts per category — never sites, never tablets.
+    Read from the metrics every Vigie process already serves (the DNS and proxy workers each count their own):
+    a sample of the totals every minute, the window's count is the newest minus the oldest."""
+
+    def __init__(self, endpoints: tuple[str, ...]) -> None:
+        self.endpoints = endpoints  # http://host:port/metrics of every process
+        self.samples: collections.deque[tuple[float, dict[tuple[str, str], float]]] = collections.deque()
+
+    def sample(self) -> None:
+        totals: dict[tuple[str, str], float] = {}
+        for url in self.endpoints:
+            try:
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    text = response.read().decode()
+            except OSError:
+                continue  # a worker restarting: its counts come back with it
+            for family in text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name in BLOCK_SERIES and sample.labels.get("action") == "block":
+                        key = (sample.labels.get("group", ""), sample.labels.get("category", "none"))
+                        totals[key] = totals.get(key, 0.0) + sample.value
+        now = time.monotonic()
+        self.samples.append((now, totals))
+        while len(self.samples) > 2 and now - self.samples[1][0] >= BLOCK_WINDOW_SECONDS:
+            self.samples.popleft()
+
+    def for_group(self, group: str) -> list[tuple[str, int]]:
+        """(category, blocked requests) in the window, most first; `none` is a block without a category (a lock,
+        a schedule, a deny list)."""
+        if not self.samples:
+            return []
+        oldest, newest = self.samples[0][1], self.samples[-1][1]
+        counts = [(category, int(total - oldest.get((g, category), 0.0)))  # a restarted worker counts from 0
+                  for (g, category), total in newest.items() if g == group]
+        return sorted(((c, n) for c, n in counts if n > 0), key=lambda item: (-item[1], item[0]))
+
+    def fresh(self) -> None:
+        """A new sample unless one is a few seconds old: the page shows what was just blocked."""
+        if self.endpoints and (not self.samples or time.monotonic() - self.samples[-1][0] > 5):
+            self.sample()
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.to_thread(self.sample)
+            await asyncio.sleep(SAMPLE_SECONDS)
+
+
 class TeacherPage:
     """The page's server, its sessions and the accounts (read again when the file changes)."""
 
     def __init__(self, settings: TeacherSettings, snapshot: Callable[[], Snapshot],
-                 open_store: Callable[[], StateStore], data_dir: Path) -> None:
+                 open_store: Callable[[], StateStore], data_dir: Path, metrics: tuple[str, ...] = ()) -> None:
         self.settings = settings
+        self.blocks = RecentBlocks(metrics)
+        self._sampler: asyncio.Task[None] | None = None
         self.snapshot = snapshot
         self._open_store = open_store
         self._store: StateStore | None = None
@@ -133,8 +191,12 @@ class TeacherPage:
         except OSError as exc:
             raise VigieError(f"the teachers' page cannot listen on {listen}: {exc.strerror} (set "
                              "server.teacher.listen)") from None
+        if self.blocks.endpoints:
+            self._sampler = asyncio.create_task(self.blocks.run())
 
     def stop(self) -> None:
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self._server is not None:
             self._server.stop()
         if self._store is not None:
@@ -377,11 +439,13 @@ class ClassHandler(PageHandler):
             usage = next((g for g in report.groups if g.group == group), None)
         except StoreUnavailable:
             pass
+        self.page.blocks.fresh()
         return {"profile": in_force.profile,
                 "until": in_force.until.astimezone(zone) if in_force.until else None,
                 "overrides": [(o, o.expires_at.astimezone(zone))
                               for o in sorted(overrides, key=lambda o: o.expires_at)],
-                "usage": usage}
+                "usage": usage, "blocks": self.page.blocks.for_group(group),
+                "blocks_known": bool(self.page.blocks.endpoints)}
 
 
 # A real hash of a random password: an unknown account costs the same scrypt as a known one.
