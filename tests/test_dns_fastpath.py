@@ -17,7 +17,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_name, read_plain_query, read_records, ttl_offsets
-from dns_resolver.server import _plain_name
+from dns_resolver.wire import plain_name
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
@@ -140,12 +140,12 @@ def test_any_bytes_as_an_answer_are_read_or_refused(tail: bytes) -> None:
 
 
 def test_only_plain_host_names_take_the_bytes_path() -> None:
-    assert _plain_name(b"\x03www\x05lumni\x02fr\x00\x00\x01\x00\x01") == "www.lumni.fr"
-    assert _plain_name(b"\x05_acme\x03a-b\x00\x00\x01\x00\x01") == "_acme.a-b"
-    assert _plain_name(b"\x03a.b\x02fr\x00\x00\x01\x00\x01") is None  # a dot inside a label
-    assert _plain_name(b"\x03a b\x02fr\x00\x00\x01\x00\x01") is None
-    assert _plain_name(b"\x03\xc3\xa9t\x02fr\x00\x00\x01\x00\x01") is None
-    assert _plain_name(b"\x00\x00\x01\x00\x01") is None  # the root
+    assert plain_name(b"\x03www\x05lumni\x02fr\x00\x00\x01\x00\x01") == "www.lumni.fr"
+    assert plain_name(b"\x05_acme\x03a-b\x00\x00\x01\x00\x01") == "_acme.a-b"
+    assert plain_name(b"\x03a.b\x02fr\x00\x00\x01\x00\x01") is None  # a dot inside a label
+    assert plain_name(b"\x03a b\x02fr\x00\x00\x01\x00\x01") is None
+    assert plain_name(b"\x03\xc3\xa9t\x02fr\x00\x00\x01\x00\x01") is None
+    assert plain_name(b"\x00\x00\x01\x00\x01") is None  # the root
 
 
 RULES = RULES_PREAMBLE + """

@@ -12,7 +12,7 @@ from dnslib import DNSRecord
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dns_resolver.server import TCP_CONNECTIONS_PER_CLIENT
+from dns_resolver.transport import TCP_CONNECTIONS_PER_CLIENT
 from tests.conftest import free_port, write_tree
 from tests.dns_servers import UpstreamServer, VigieProcess, dig
 from tests.test_dns_fastpath import RULES

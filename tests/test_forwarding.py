@@ -11,8 +11,8 @@ import pytest
 from dnslib import DNSRecord
 
 from dns_resolver.forwarding import ENTRY_COST, Forwarder
-from dns_resolver.server import question_bytes
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
+from dns_resolver.wire import question_bytes
 from policy.metrics import DNS_STALE_ANSWERS
 from policy.model import SocketAddress
 from tests.conftest import free_port, write_tree

@@ -14,7 +14,8 @@ from zoneinfo import ZoneInfo
 import pytest
 from dnslib import EDNS0, DNSRecord
 
-from dns_resolver.server import DnsFront, start_dns_servers
+from dns_resolver.server import DnsFront
+from dns_resolver.transport import start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.model import SocketAddress
 from policy.snapshot import Snapshot

@@ -120,7 +120,7 @@ def running(tmp_path: Path) -> Iterator[tuple[VigieProcess, int, Path]]:
 
 
 def test_what_an_attacker_tries_is_refused(running: tuple[VigieProcess, int, Path]) -> None:
-    _, port, ca = running
+    dns, port, ca = running
     page = Page(port, ca)
     status, body = page.request("/classe/cm2-a")
     assert status == 200 and "Mot de passe" in body, "not signed in: the sign-in form"
@@ -137,6 +137,11 @@ def test_what_an_attacker_tries_is_refused(running: tuple[VigieProcess, int, Pat
     assert status == 400 and "pas un nom de site" in body
     cookie = next(c for c in page.jar if c.name == "vigie_session")
     assert cookie.secure and cookie.has_nonstandard_attr("HttpOnly")
+    changed = vigie(dns.log.parent / "rules.yaml", "teachers", "passwd", "mme.martin", "--password-stdin",
+                    password="un-tout-nouveau-mot\n")
+    assert changed.returncode == 0, changed.stderr
+    status, body = page.request("/classe/cm2-a")
+    assert "Mot de passe" in body and "Verrouiller" not in body, "a new password ends the open sessions"
 
 
 def test_only_this_site_is_a_lock_and_an_opening_ended_together(running: tuple[VigieProcess, int, Path]) -> None:

@@ -31,7 +31,8 @@ from blocklists.errors import VigieError
 from blocklists.sources import SourceSpec
 from blocklists.update import UpdateResult, is_due, read_state, update_lock, update_source, updating_now
 from dns_resolver.budget import CacheBudget
-from dns_resolver.server import Closable, DnsFront, ListenError, bind_udp, start_dns_servers
+from dns_resolver.server import DnsFront
+from dns_resolver.transport import Closable, ListenError, bind_udp, start_dns_servers
 from dns_resolver.upstream import UpstreamPool
 from policy.errors import ConfigError
 from policy.loader import load_rules, parse_listen, parse_workers

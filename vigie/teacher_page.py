@@ -60,6 +60,7 @@ ONLY_NOTE = "seulement "  # the note of the two overrides an "only this site" ma
 @dataclass
 class Session:
     account: str
+    password_hash: str  # a new password ends the sessions opened with the old one
     started: float
     seen: float
 
@@ -278,7 +279,7 @@ class PageHandler(tornado.web.RequestHandler):
                 self.page.sessions.pop(token, None)
             return None
         teacher = self.page.teachers().get(session.account)
-        if teacher is None:  # the account was removed
+        if teacher is None or teacher.password_hash != session.password_hash:  # removed, or a new password
             self.page.sessions.pop(token or "", None)
             return None
         session.seen = now
@@ -318,7 +319,7 @@ class LoginHandler(PageHandler):
         token = secrets.token_urlsafe(32)
         now = time.monotonic()
         self.page.sessions = {key: session for key, session in self.page.sessions.items() if session.alive(now)}
-        self.page.sessions[token] = Session(teacher.account, now, now)
+        self.page.sessions[token] = Session(teacher.account, teacher.password_hash, now, now)
         self.set_cookie(SESSION_COOKIE, token, secure=True, httponly=True, samesite="Strict", path="/")
         log.info("teachers' page: %s signed in", teacher.account)
         self.redirect("/")
