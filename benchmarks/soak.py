@@ -1,8 +1,10 @@
-"""Soak: `vigie run` (DNS and proxy, one worker per core, the whole UT1 snapshot) at the city's peak for a long
-while — 20,000 DNS queries a second (the mixed file of dns_vs_unbound.py) and 200 requests a second through the
-proxy — with memory sampled from start to end and every error counted. Loopback only; it stops by itself.
+"""Soak: `vigie run` (DNS and proxy, one worker of each per core, the whole UT1 snapshot) at the city's peak for a
+long while — 20,000 DNS queries a second (the mixed file of dns_vs_unbound.py), 200 requests a second through the
+proxy on kept-alive connections, and new TLS connections through the proxy (a CONNECT each, passed through: a
+class opening a page) — with memory sampled from start to end and every error counted. Loopback only; it stops by
+itself.
 
-    .venv/bin/python benchmarks/soak.py [--minutes 30] [--qps 20000] [--requests 200]
+    .venv/bin/python benchmarks/soak.py [--minutes 30] [--qps 20000] [--requests 200] [--connections 200]
 
 Installs dnsperf, unbound (the loopback upstream), nginx-light (the origin) and hey with apt-get when missing.
 Prints memory (summed RSS and PSS of every Vigie process) at each sample, then the totals: DNS queries sent and
@@ -28,14 +30,13 @@ from benchmarks import dns_vs_unbound as dns_bench  # noqa: E402
 from benchmarks import proxy_overhead as proxy_bench  # noqa: E402
 from blocklists.ut1 import read_ut1  # noqa: E402
 from tests.conftest import free_port  # noqa: E402
-from tests.proxy_servers import make_origin_certificates  # noqa: E402
 
 # The benchmark's rules (every UT1 category blocked, so the query file's blocked names are) with the production
 # worker count. The per-client rate limit is off: dnsperf is one address sending what thousands of tablets would.
 # The origin (nginx) is on loopback, which the proxy reaches only as a listed internal host.
 RULES = dns_bench.RULES.replace("{{rate_limit: off}}", "{{rate_limit: off, workers: auto}}\n"
-                                "  proxy: {{internal_hosts: [127.0.0.1]}}")
-PROCESS_PORTS = 4  # the main process's metrics port and the next ones, one per extra DNS worker
+                                "  proxy: {{internal_hosts: [127.0.0.1], workers: auto}}")
+PROCESS_PORTS = 8  # the main process's metrics port and the next ones, one per extra DNS or proxy worker
 
 
 def metrics_total(first_port: int, prefix: str) -> float:
@@ -56,7 +57,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30)
     parser.add_argument("--qps", type=int, default=20_000)
-    parser.add_argument("--requests", type=int, default=200, help="proxy requests per second")
+    parser.add_argument("--requests", type=int, default=200, help="proxy requests per second (kept alive)")
+    parser.add_argument("--connections", type=int, default=200, help="new TLS connections per second")
     parser.add_argument("--sample-minutes", type=float, default=5)
     arguments = parser.parse_args()
     dns_bench.ensure_tools()
@@ -68,34 +70,26 @@ def main() -> None:
         _, queries = dns_bench.write_files(workdir)
         upstream_port, dns_port, proxy_port, metrics_port = free_port(), free_port(), free_port(), free_port()
         (workdir / "upstream.conf").write_text(dns_bench.UPSTREAM_CONF.format(port=upstream_port, dir=workdir))
-        origin_ca, origin_cert = make_origin_certificates(workdir)
-        http_port, https_port = free_port(), free_port()
-        (workdir / "nginx.conf").write_text(proxy_bench.NGINX.format(dir=workdir, http=http_port, https=https_port,
-                                                                     cert=origin_cert))
         rules = workdir / "rules.yaml"
         categories = ", ".join(f"ut1/{name}" for name in sorted(read_ut1(dns_bench.ARCHIVE).categories))
         rules.write_text(RULES.format(archive=dns_bench.ARCHIVE, categories=categories))
-        vigie = [sys.executable, "-m", "vigie", "run", "--rules", str(rules), "--dns-listen",
-                 f"127.0.0.1:{dns_port}", "--upstream", f"127.0.0.1:{upstream_port}", "--proxy-listen",
-                 f"127.0.0.1:{proxy_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}", "--api-listen", "off",
-                 "--set", f"scripts={proxy_bench.MAP_SCRIPT}", "--set", f"ssl_verify_upstream_trusted_ca={origin_ca}"]
-        # The origin-map script (tests/proxy_origin_map.py) reads these in the proxy process.
-        os.environ.update({"VIGIE_TEST_ORIGIN_HTTP": str(http_port), "VIGIE_TEST_ORIGIN_HTTPS": str(https_port)})
-        nginx = subprocess.Popen(["nginx", "-c", str(workdir / "nginx.conf"), "-p", str(workdir)],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         log = workdir / "vigie.log"
-        try:
-            proxy_bench.wait_for_port(http_port, nginx, "nginx")
+        with proxy_bench.nginx_origin(workdir) as (http_port, https_port, origin_ca):
+            vigie = [sys.executable, "-m", "vigie", "run", "--rules", str(rules), "--dns-listen",
+                     f"127.0.0.1:{dns_port}", "--upstream", f"127.0.0.1:{upstream_port}", "--proxy-listen",
+                     f"127.0.0.1:{proxy_port}", "--metrics-listen", f"127.0.0.1:{metrics_port}", "--api-listen",
+                     "off", "--set", f"scripts={proxy_bench.MAP_SCRIPT}", "--set",
+                     f"ssl_verify_upstream_trusted_ca={origin_ca}"]
+            # The origin-map script (tests/proxy_origin_map.py) reads these in the proxy processes.
+            os.environ.update({"VIGIE_TEST_ORIGIN_HTTP": str(http_port), "VIGIE_TEST_ORIGIN_HTTPS": str(https_port)})
             with dns_bench.serving(["unbound", "-d", "-c", str(workdir / "upstream.conf")], upstream_port,
                                    workdir / "unbound.log", workdir), \
                     dns_bench.serving(vigie, dns_port, log, REPO) as (server, startup):
                 proxy_bench.wait_for_port(proxy_port, server, "the proxy")
-                print(f"vigie run up in {startup:.1f} s; {arguments.minutes:g} min at {arguments.qps:,} qps DNS "
-                      f"and {arguments.requests} req/s through the proxy", flush=True)
+                print(f"vigie run up in {startup:.1f} s; {arguments.minutes:g} min at {arguments.qps:,} qps DNS, "
+                      f"{arguments.requests} req/s and {arguments.connections} new TLS connections/s through the "
+                      "proxy", flush=True)
                 report = run_load(arguments, seconds, queries["mixed"], dns_port, proxy_port, metrics_port, server)
-        finally:
-            nginx.terminate()
-            nginx.wait(10)
         log_text = log.read_text()
     print_report(report, log_text)
 
@@ -107,18 +101,20 @@ def run_load(arguments: argparse.Namespace, seconds: float, queries: Path, dns_p
     def dns() -> None:
         results["dns"] = dns_bench.dnsperf(dns_port, queries, seconds, arguments.qps)
 
-    def proxy() -> None:
-        concurrency = 10
-        output = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-q",
-                                 str(arguments.requests / concurrency), "-x", f"http://127.0.0.1:{proxy_port}",
-                                 f"http://{proxy_bench.PASS_HOST}/"],
+    def hey(name: str, rate: int, url: str, *options: str) -> None:
+        concurrency = 10 if rate <= 200 else 20
+        output = subprocess.run(["hey", "-z", f"{seconds}s", "-c", str(concurrency), "-q", str(rate / concurrency),
+                                 *options, "-x", f"http://127.0.0.1:{proxy_port}", url],
                                 capture_output=True, text=True, timeout=seconds + 120).stdout
-        results["proxy"] = {status: int(count) for status, count in re.findall(r"\[(\d+)\]\s+(\d+) responses",
-                                                                              output)}
+        results[name] = {status: int(count) for status, count in re.findall(r"\[(\d+)\]\s+(\d+) responses",
+                                                                           output)}
         errors = re.search(r"Error distribution:\n((?:.*\n)*)", output)
-        results["proxy_errors"] = errors.group(1).strip() if errors else ""
+        results[f"{name}_errors"] = errors.group(1).strip() if errors else ""
 
-    threads = [threading.Thread(target=dns), threading.Thread(target=proxy)]
+    threads = [threading.Thread(target=dns),
+               threading.Thread(target=hey, args=("proxy", arguments.requests, f"http://{proxy_bench.PASS_HOST}/")),
+               threading.Thread(target=hey, args=("tls", arguments.connections, f"https://{proxy_bench.PASS_HOST}/",
+                                                  "-disable-keepalive"))]
     for thread in threads:
         thread.start()
     samples = []
@@ -137,7 +133,7 @@ def run_load(arguments: argparse.Namespace, seconds: float, queries: Path, dns_p
     results["samples"] = samples
     results["errors"] = {name: metrics_total(metrics_port, name) for name in (
         "vigie_dns_errors_total", "vigie_dns_rate_limited_total", "vigie_dns_stale_answers_total",
-        "vigie_state_store_errors_total")}
+        "vigie_state_store_errors_total", "vigie_proxy_errors_total")}
     results["alive"] = server.poll() is None
     return results
 
@@ -162,7 +158,9 @@ def print_report(report: dict[str, object], log_text: str) -> None:
     print("\nsoak result")
     print(f"  DNS: {dns.sent:,} queries sent, {dns.lost:,} lost, {dns.qps:,.0f} qps, "
           f"average {dns.latency_ms:.3f} ms")
-    print(f"  proxy: answers by status {report['proxy']}; errors: {report['proxy_errors'] or 'none'}")
+    print(f"  proxy, kept-alive requests: answers by status {report['proxy']}; errors: "
+          f"{report['proxy_errors'] or 'none'}")
+    print(f"  proxy, new TLS connections: answers by status {report['tls']}; errors: {report['tls_errors'] or 'none'}")
     print(f"  memory (all Vigie processes): RSS {first[1]:.1f} MB at {first[0] / 60:.1f} min → {last[1]:.1f} MB at "
           f"{last[0] / 60:.1f} min ({last[1] - first[1]:+.1f} MB); PSS {first[2]:.1f} → {last[2]:.1f} MB")
     print(f"  Vigie's counters: {report['errors']}")
