@@ -60,6 +60,8 @@ def safe_search_hosts() -> dict[str, SafeSearchTarget]:
             hosts[host] = target
     google = SafeSearchTarget("google", data["providers"]["google"]["strict"], data["providers"]["google"]["moderate"])
     for suffix in data["google_country_suffixes"]:
+        if not isinstance(suffix, str):  # YAML read `no` (Norway) or `on` as a boolean: quote it in the file
+            raise ValueError(f"safe_search.yaml: country suffix {suffix!r} is not text")
         hosts[f"www.google.{suffix}"] = google
         hosts[f"google.{suffix}"] = google
     return hosts

@@ -84,6 +84,8 @@ DNS_ATTEMPTS = [
     Attempt("DNS over TCP", ("+tcp", "roblox.com"), "NXDOMAIN"),
     Attempt("a query carrying a client subnet", ("+subnet=203.0.113.0/24", "roblox.com"), "NXDOMAIN"),
     Attempt("Google without safe search", ("www.google.com",), "forcesafesearch.google.com."),
+    Attempt("Google's Norwegian domain (`no` is a boolean to YAML 1.1)", ("www.google.no",),
+            "forcesafesearch.google.com."),
     Attempt("YouTube without restriction", ("www.youtube.com",), "restrict.youtube.com."),
     Attempt("an unlisted name that is an alias (CNAME) of a blocked game", ("play.pupil.example",), "NXDOMAIN"),
     Attempt("a chain of aliases ending at a blocked name", ("deep.pupil.example",), "NXDOMAIN"),

@@ -201,3 +201,13 @@ def test_any_host_normalises_or_raises_our_own_error(raw: str) -> None:
     with contextlib.suppress(NameRejected):
         host = normalize_host(raw)
         assert host == normalize_host(host), "normalising twice changes nothing"
+
+
+def test_every_safe_search_host_is_a_canonical_name() -> None:
+    from blocklists.bundled_data import safe_search_hosts
+    from blocklists.names import normalize_domain
+
+    hosts = safe_search_hosts()
+    assert all(normalize_domain(host) == host for host in hosts), [h for h in hosts if normalize_domain(h) != h]
+    assert {"www.google.no", "www.google.fr", "www.google.com"} <= set(hosts), "every country, Norway included"
+    assert not any("False" in host or "True" in host for host in hosts)

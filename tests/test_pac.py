@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -13,13 +14,15 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from filter_proxy.addon import VigieAddon
 from policy.state import EMPTY_STATE
-from tests.conftest import free_port, snapshot_of, write_tree
-from tests.proxy_servers import Origin, ProxyProcess
+from tests.conftest import REPO, free_port, snapshot_of, write_tree
+from tests.dns_servers import RunningVigie, UpstreamServer
+from tests.proxy_servers import Origin, allow_origin
 
 RULES = """
 timezone: Europe/Paris
@@ -132,10 +135,10 @@ def test_pac_proxies_names_every_server(tmp_path: Path) -> None:
     assert run_pac(pac, ["a.example"]) == {"a.example": "PROXY 10.99.0.1:8080; PROXY 10.99.0.2:8080"}
 
 
-def proxy_requests(metrics_port: int) -> float:
-    """Requests the proxy decided, summed over its two workers' metrics (the main process, then the next port)."""
+def proxy_requests(metrics_port: int, processes: int = 2) -> float:
+    """Requests the proxy decided, summed over every process's metrics (the main one, then the next ports)."""
     total = 0.0
-    for port in (metrics_port, metrics_port + 1):
+    for port in range(metrics_port, metrics_port + processes):
         text = metrics_text(port)
         total += sum(float(v) for v in re.findall(r"^vigie_proxy_requests_total\{.*\} (\S+)$", text, re.MULTILINE))
     return total
@@ -153,35 +156,52 @@ def metrics_text(port: int) -> str:
             time.sleep(0.2)
 
 
-def test_chromium_with_a_selective_pac_goes_direct_or_through_the_proxy_as_it_says(tmp_path: Path) -> None:
+@pytest.mark.parametrize("reached", ["127.0.0.1", "127.0.0.2"], ids=["at school", "over the VPN address"])
+def test_vigie_run_serves_chromium_through_a_selective_pac(tmp_path: Path, reached: str) -> None:
+    """`vigie run` with DNS and proxy workers `auto`; the device reaches Vigie at the school address or at the VPN
+    address (the tunnel's, here another loopback address), and the PAC names the address it reached."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is needed (make test installs Debian's chromium package)"
     rules = write_tree(tmp_path, {**FILES, "rules.yaml": RULES.replace("schedule: week", "profile: class")})
-    metrics_port = free_port()
-    with Origin(tmp_path) as origin, ProxyProcess(rules, free_port(), origin, "--proxy-workers", "2",
-                                                  "--metrics-listen", f"127.0.0.1:{metrics_port}") as proxy:
-        def browse(url: str) -> str:
-            """The page as headless Chromium shows it, configured by the PAC; every name resolves to 127.0.0.1,
-            where the origin listens (a name sent DIRECT reaches it without Vigie)."""
-            return subprocess.run(
-                [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",  # only the page's own requests
-                 f"--user-data-dir={tmp_path / 'chromium-profile'}",
-                 f"--proxy-pac-url=http://127.0.0.1:{proxy.port}/proxy.pac",
-                 "--host-resolver-rules=MAP * 127.0.0.1", "--dump-dom", url],
-                check=True, capture_output=True, text=True, timeout=60).stdout
+    metrics_port, proxy_port = free_port(), free_port()
+    cores = os.cpu_count() or 1
+    processes = 1 + 2 * (cores - 1)  # the main process, then the extra DNS and proxy workers
+    with Origin(tmp_path) as origin, UpstreamServer() as upstream:
+        allow_origin(rules, origin)
+        command = ["run", "--rules", str(rules), "--dns-listen", f"127.0.0.1:{free_port()}", "--upstream",
+                   f"127.0.0.1:{upstream.port}", "--workers", "auto", "--proxy-listen", f"{reached}:{proxy_port}",
+                   "--proxy-workers", "auto", "--metrics-listen", f"127.0.0.1:{metrics_port}", "--api-listen", "off",
+                   "--set", f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
+                   "--set", f"ssl_verify_upstream_trusted_ca={origin.ca_file}"]
+        env = {"VIGIE_TEST_ORIGIN_HTTP": str(origin.http.server_port),
+               "VIGIE_TEST_ORIGIN_HTTPS": str(origin.https.server_port)}
+        with RunningVigie(command, tmp_path / "run.log", env) as running:
+            assert f"{cores} worker(s)" in running.output()
+            with urllib.request.urlopen(f"http://{reached}:{proxy_port}/proxy.pac", timeout=10) as response:
+                assert f'"PROXY {reached}:{proxy_port}"' in response.read().decode(), "the address it reached"
 
-        port = origin.http.server_port
-        before = proxy_requests(metrics_port)
-        direct = browse(f"http://allowed.example:{port}/direct")
-        assert '"path": "/direct"' in direct.replace('":"', '": "'), direct[:300]
-        assert proxy_requests(metrics_port) == before, "an allowed host with nothing to inspect went DIRECT"
-        blocked = browse(f"http://www.pages.example:{port}/adult-section/1")
-        assert "<title>Site blocked — www.pages.example</title>" in blocked, blocked[:300]  # Chromium asks English
-        after_block = proxy_requests(metrics_port)
-        assert after_block > before, "a host with URL rules went through the proxy (the page, and its favicon)"
-        # 192.0.2.10 (documentation range) in one number: the PAC sends it to the proxy, which refuses IP literals
-        # without connecting. (A loopback literal would not do: Chromium never proxies loopback.)
-        literal = browse("http://3221225994/")
-        assert "<title>Site blocked — 192.0.2.10</title>" in literal, literal[:300]
-        assert proxy_requests(metrics_port) > after_block
+            def browse(url: str) -> str:
+                """The page as headless Chromium shows it, configured by the PAC; every name resolves to 127.0.0.1,
+                where the origin listens (a name sent DIRECT reaches it without Vigie)."""
+                return subprocess.run(
+                    [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                     "--disable-background-networking", "--disable-component-update",  # only the page's requests
+                     f"--user-data-dir={tmp_path / 'chromium-profile'}",
+                     f"--proxy-pac-url=http://{reached}:{proxy_port}/proxy.pac",
+                     f"--host-resolver-rules=MAP * 127.0.0.1, EXCLUDE {reached}", "--dump-dom", url],
+                    check=True, capture_output=True, text=True, timeout=60).stdout
+
+            port = origin.http.server_port
+            before = proxy_requests(metrics_port, processes)
+            direct = browse(f"http://allowed.example:{port}/direct")
+            assert '"path": "/direct"' in direct.replace('":"', '": "'), direct[:300]
+            assert proxy_requests(metrics_port, processes) == before, "an allowed host went DIRECT"
+            blocked = browse(f"http://www.pages.example:{port}/adult-section/1")
+            assert "<title>Site blocked — www.pages.example</title>" in blocked, blocked[:300]  # Chromium: English
+            after_block = proxy_requests(metrics_port, processes)
+            assert after_block > before, "a host with URL rules went through the proxy (the page, and its favicon)"
+            # 192.0.2.10 (documentation range) in one number: the PAC sends it to the proxy, which refuses IP
+            # literals without connecting. (A loopback literal would not do: Chromium never proxies loopback.)
+            literal = browse("http://3221225994/")
+            assert "<title>Site blocked — 192.0.2.10</title>" in literal, literal[:300]
+            assert proxy_requests(metrics_port, processes) > after_block
