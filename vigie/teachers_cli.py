@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from blocklists.errors import VigieError
@@ -65,49 +66,53 @@ def _new_password(args: argparse.Namespace) -> str:
     return password
 
 
-def run_add(args: argparse.Namespace) -> int:
+def _edit(args: argparse.Namespace, change: Callable[[Rules, dict[str, Teacher]], str]) -> int:
+    """Read the accounts, apply `change` (which says what it did, or raises VigieError), write them back."""
     found = _accounts(args)
     if found is None:
         return 1
     rules, path, teachers = found
-    if args.account in teachers:
-        raise VigieError(f"{args.account} already has an account (change its password with `vigie teachers passwd "
-                         f"{args.account}`)")
-    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
-    unknown = [g for g in groups if g not in rules.groups]
-    if unknown or not groups:
-        hint = did_you_mean(unknown[0], list(rules.groups)) if unknown else ""
-        raise VigieError(f"unknown group {unknown[0]!r}{hint}" if unknown else "name at least one group (--groups "
-                         "cm2-a)")
-    teacher = Teacher(args.account, args.name.strip(), groups, hash_password(_new_password(args)))
-    teachers[args.account] = teacher
-    _save(path, teachers, rules)
-    print(f"{args.account} ({teacher.name}) may act on {', '.join(groups)}; accounts in {path}")
+    done = change(rules, teachers)
+    write_teachers(path, teachers)
+    load_teachers(path, rules)  # what was written reads back
+    print(f"{done}; accounts in {path}")
     return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    def add(rules: Rules, teachers: dict[str, Teacher]) -> str:
+        if args.account in teachers:
+            raise VigieError(f"{args.account} already has an account (change its password with `vigie teachers "
+                             f"passwd {args.account}`)")
+        groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+        unknown = [g for g in groups if g not in rules.groups]
+        if unknown or not groups:
+            hint = did_you_mean(unknown[0], list(rules.groups)) if unknown else ""
+            raise VigieError(f"unknown group {unknown[0]!r}{hint}" if unknown else "name at least one group "
+                             "(--groups cm2-a)")
+        teachers[args.account] = Teacher(args.account, args.name.strip(), groups, hash_password(_new_password(args)))
+        return f"{args.account} ({args.name.strip()}) may act on {', '.join(groups)}"
+
+    return _edit(args, add)
 
 
 def run_passwd(args: argparse.Namespace) -> int:
-    found = _accounts(args)
-    if found is None:
-        return 1
-    rules, path, teachers = found
-    teacher = _existing(teachers, args.account)
-    teachers[args.account] = Teacher(teacher.account, teacher.name, teacher.groups, hash_password(_new_password(args)))
-    _save(path, teachers, rules)
-    print(f"new password for {args.account}")
-    return 0
+    def passwd(rules: Rules, teachers: dict[str, Teacher]) -> str:
+        teacher = _existing(teachers, args.account)
+        teachers[args.account] = Teacher(teacher.account, teacher.name, teacher.groups,
+                                         hash_password(_new_password(args)))
+        return f"new password for {args.account} (its open sessions on the page end)"
+
+    return _edit(args, passwd)
 
 
 def run_remove(args: argparse.Namespace) -> int:
-    found = _accounts(args)
-    if found is None:
-        return 1
-    rules, path, teachers = found
-    _existing(teachers, args.account)
-    del teachers[args.account]
-    _save(path, teachers, rules)
-    print(f"{args.account} removed")
-    return 0
+    def remove(rules: Rules, teachers: dict[str, Teacher]) -> str:
+        _existing(teachers, args.account)
+        del teachers[args.account]
+        return f"{args.account} removed"
+
+    return _edit(args, remove)
 
 
 def run_list(args: argparse.Namespace) -> int:
@@ -125,8 +130,3 @@ def _existing(teachers: dict[str, Teacher], account: str) -> Teacher:
     if account not in teachers:
         raise VigieError(f"no account {account!r}{did_you_mean(account, list(teachers))}")
     return teachers[account]
-
-
-def _save(path: Path, teachers: dict[str, Teacher], rules: Rules) -> None:
-    write_teachers(path, teachers)
-    load_teachers(path, rules)  # what was written reads back
