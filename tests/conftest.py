@@ -47,6 +47,25 @@ def free_port() -> int:
             return port
 
 
+def free_port_run(count: int) -> int:
+    """The first of `count` consecutive TCP ports free on 127.0.0.1: a Vigie with workers serves metrics on its
+    port and the next ones, and a worker that cannot listen stops the whole service."""
+    while True:
+        first = free_port()
+        sockets = []
+        try:
+            for port in range(first, first + count):
+                probe = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                sockets.append(probe)
+                probe.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+        finally:
+            for probe in sockets:
+                probe.close()
+
+
 @pytest.fixture(scope="session")
 def ut1_archive(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small archive in UT1's official layout, built here (tests/ut1_sample.py): no download, nothing beside the

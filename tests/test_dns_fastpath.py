@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from dns_resolver.fastpath import ENTRY_COST, ReplyCache, read_name, read_plain_query, read_records, ttl_offsets
 from dns_resolver.wire import plain_name
-from tests.conftest import free_port, write_tree
+from tests.conftest import free_port, free_port_run, write_tree
 from tests.dns_servers import RULES_PREAMBLE, UpstreamServer, VigieProcess, dig
 
 LABEL = st.text("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-", min_size=1, max_size=20)
@@ -213,15 +213,6 @@ def test_a_name_asked_once_takes_no_reply_cache_entry(tmp_path: Path) -> None:
         assert upstream.asked == ["once.example.fr"]
 
 
-def two_free_ports() -> int:
-    """A free port whose next one is free too: the metrics of a main process and its one extra worker."""
-    while True:
-        port = free_port()
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe, contextlib.suppress(OSError):
-            probe.bind(("127.0.0.1", port + 1))
-            return port
-
-
 def cache_gauges(port: int) -> dict[tuple[str, str], float]:
     """(gauge, cache) → value, from one process's /metrics."""
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -235,7 +226,7 @@ def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path:
     sized = RULES.replace("timezone: Europe/Paris",
                           "timezone: Europe/Paris\nserver:\n  dns: {cache_size: 2MB, rate_limit: off}")
     rules = write_tree(tmp_path, {"rules.yaml": sized, "games.txt": "roblox.com\n"})
-    metrics = two_free_ports()
+    metrics = free_port_run(2)
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \
             as vigie, contextlib.ExitStack() as stack:
         sockets = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM)) for _ in range(64)]
@@ -270,7 +261,7 @@ def test_workers_share_the_queries_of_a_single_source_port(tmp_path: Path) -> No
     (SO_REUSEPORT), the kernel would give every query of one address and port to the same worker."""
     open_rules = RULES.replace("timezone: Europe/Paris", "timezone: Europe/Paris\nserver:\n  dns: {rate_limit: off}")
     rules = write_tree(tmp_path, {"rules.yaml": open_rules, "games.txt": "roblox.com\n"})
-    metrics = two_free_ports()
+    metrics = free_port_run(2)
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \
             as vigie, socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.settimeout(2)

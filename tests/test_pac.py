@@ -20,7 +20,7 @@ from mitmproxy.test import taddons, tflow, tutils
 
 from filter_proxy.addon import VigieAddon
 from policy.state import EMPTY_STATE
-from tests.conftest import REPO, free_port, snapshot_of, write_tree
+from tests.conftest import REPO, free_port, free_port_run, snapshot_of, write_tree
 from tests.dns_servers import RunningVigie, UpstreamServer
 from tests.proxy_servers import Origin, allow_origin
 
@@ -163,9 +163,9 @@ def test_vigie_run_serves_chromium_through_a_selective_pac(tmp_path: Path, reach
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     assert chromium, "chromium is needed (make test installs Debian's chromium package)"
     rules = write_tree(tmp_path, {**FILES, "rules.yaml": RULES.replace("schedule: week", "profile: class")})
-    metrics_port, proxy_port = free_port(), free_port()
     cores = os.cpu_count() or 1
     processes = 1 + 2 * (cores - 1)  # the main process, then the extra DNS and proxy workers
+    metrics_port, proxy_port = free_port_run(processes), free_port()
     with Origin(tmp_path) as origin, UpstreamServer() as upstream:
         allow_origin(rules, origin)
         command = ["run", "--rules", str(rules), "--dns-listen", f"127.0.0.1:{free_port()}", "--upstream",

@@ -7,7 +7,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tests.conftest import free_port, write_tree
+from tests.conftest import free_port, free_port_run, write_tree
 from tests.proxy_servers import Origin, ProxyProcess, curl
 from tests.test_pac import metrics_text
 from tests.test_proxy_end_to_end import FILES
@@ -34,7 +34,7 @@ def fetch_batch(port: int, url: str) -> list[str]:
 
 def test_workers_share_the_socket_decide_alike_and_all_take_a_reload(tmp_path: Path) -> None:
     rules = write_tree(tmp_path, FILES)
-    metrics_port = free_port()
+    metrics_port = free_port_run(WORKERS)
     with Origin(tmp_path) as origin, ProxyProcess(rules, free_port(), origin, "--proxy-workers", str(WORKERS),
                                                   "--metrics-listen", f"127.0.0.1:{metrics_port}") as proxy:
         assert f"{WORKERS} worker(s)" in proxy.output()
