@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import REPO, write_tree
+from tests.conftest import REPO, free_port, write_tree
 from tests.test_loader import BASE
 
 
@@ -158,3 +158,26 @@ def test_a_reader_that_stops_early_gets_no_traceback(tmp_path: Path) -> None:
                                 timeout=60)
     assert "Traceback" not in result.stderr and "BrokenPipe" not in result.stderr, result.stderr
     assert result.returncode == 141
+
+
+def test_explain_resolve_judges_the_chain_as_the_dns_front_does(tmp_path: Path) -> None:
+    from tests.dns_servers import UpstreamServer
+
+    rules = write_tree(tmp_path, {"rules.yaml": BASE, "city.txt": "roblox.com\n"})
+    with UpstreamServer() as upstream:
+        upstream.aliases = {"play.pupil.example": "hop.pupil.example", "hop.pupil.example": "www.roblox.com",
+                            "fine.pupil.example": "cdn.example"}
+        cloaked = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--resolve", "--upstream",
+                        f"127.0.0.1:{upstream.port}", "play.pupil.example")
+        assert cloaked.returncode == 0, cloaked.stderr
+        out = cloaked.stdout
+        assert "decision: ALLOW (default)" in out, "the question alone is allowed"
+        assert "play.pupil.example → hop.pupil.example → www.roblox.com → 192.0.2.1" in out, out
+        assert "  - www.roblox.com: BLOCK (category: games)" in out, out
+        assert "DNS answer: BLOCK, via www.roblox.com" in out, out
+        fine = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--resolve", "--upstream",
+                     f"127.0.0.1:{upstream.port}", "fine.pupil.example").stdout
+        assert "DNS answer: ALLOW" in fine and "  - 192.0.2.1: in no blocking address list" in fine, fine
+    silent = vigie("explain", "--rules", str(rules), "--client", "10.20.1.17", "--resolve", "--upstream",
+                   f"127.0.0.1:{free_port()}", "fine.pupil.example")
+    assert silent.returncode == 0 and "resolve: no answer from" in silent.stdout, silent.stdout

@@ -12,11 +12,16 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from dnslib import QTYPE, RCODE, DNSError, DNSRecord
+
 from blocklists.errors import NameRejected, VigieError
-from blocklists.names import normalize_host, normalize_path
+from blocklists.names import normalize_domain, normalize_host, normalize_path
+from policy.clients import Client
 from policy.decision import Action, Query
+from policy.destination import listed_address
 from policy.engine import OPENING_HORIZON, decide, next_allowed
 from policy.errors import ConfigError, ConfigProblem, Severity
+from policy.model import SocketAddress
 from policy.snapshot import Snapshot
 from policy.state import EMPTY_STATE, StateView
 from policy.state_store import StoreUnavailable, open_store
@@ -90,6 +95,10 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("--rules", type=Path, default=DEFAULT_RULES)
     explain.add_argument("--no-state", action="store_true",
                          help="ignore overrides and screen time (the rules alone)")
+    explain.add_argument("--resolve", action="store_true",
+                         help="also ask the upstream resolver and judge the answer's chain (aliases, addresses) as "
+                              "the DNS front does")
+    explain.add_argument("--upstream", help="address:port to ask with --resolve (default: server.dns.upstreams)")
     explain.set_defaults(handler=run_explain)
 
     from vigie.devices_cli import add_devices_commands
@@ -266,4 +275,42 @@ def run_explain(args: argparse.Namespace) -> int:
         opens = next_allowed(Query(client, host, at, path, url), snapshot, state)
         print("allowed again: " + (f"{opens.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}" if opens else
                                    f"not in the next {OPENING_HORIZON.days} days"))
+    if args.resolve and client is not None and decision.action is Action.ALLOW:
+        print_resolution(host, client, at, snapshot, state, args.upstream)
     return 0
+
+
+def print_resolution(host: str, client: Client, at: datetime, snapshot: Snapshot, state: StateView,
+                     upstream_text: str | None) -> None:
+    """What the upstream answers for `host` (A), and each name and address of that answer judged for `client`:
+    the DNS front blocks the question when one of them is blocked (an alias of a game, a listed resolver)."""
+    try:
+        upstream = SocketAddress.parse(upstream_text, 53) if upstream_text else snapshot.rules.server.dns.upstreams[0]
+    except ValueError as exc:
+        raise VigieError(f"--upstream {upstream_text!r}: {exc}") from None
+    try:
+        wire = DNSRecord.question(host, "A").send(upstream.host, upstream.port, timeout=3)
+        answer = DNSRecord.parse(wire)
+    except (OSError, DNSError) as exc:
+        print(f"resolve: no answer from {upstream} ({exc or type(exc).__name__}); the decision above stands alone")
+        return
+    targets = [str(rr.rdata).rstrip(".").lower() for rr in answer.rr if rr.rtype in (QTYPE.CNAME, QTYPE.DNAME)]
+    addresses = [str(rr.rdata) for rr in answer.rr if rr.rtype in (QTYPE.A, QTYPE.AAAA)]
+    print(f"resolve: {upstream} answers {RCODE[answer.header.rcode]}: "
+          f"{' → '.join([host, *targets]) + (' → ' + ', '.join(addresses) if addresses else '')}")
+    blocked_by = None
+    for target in targets:
+        try:
+            judged = decide(Query(client, normalize_domain(target), at), snapshot, state)
+        except NameRejected:
+            continue
+        print(f"  - {target}: {judged.action.value.upper()} ({judged.reason.value}"
+              f"{': ' + ', '.join(judged.categories) if judged.categories else ''})")
+        if judged.action in (Action.BLOCK, Action.REFUSE) and blocked_by is None:
+            blocked_by = target
+    for address in addresses:
+        listed = listed_address(client, address, at, snapshot)
+        print(f"  - {address}: {'BLOCK (' + listed.explanation + ')' if listed else 'in no blocking address list'}")
+        if listed is not None and blocked_by is None:
+            blocked_by = address
+    print(f"DNS answer: {'BLOCK, via ' + blocked_by if blocked_by else 'ALLOW'}")
