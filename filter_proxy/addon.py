@@ -369,8 +369,17 @@ class VigieAddon:
         return decision
 
     def _pac(self, flow: http.HTTPFlow) -> http.Response:
-        """The PAC for the client's group: selective when its group (or the server) says so; every request through
-        the proxy for a client the address does not place in a selective group (fail closed)."""
+        """The PAC for the client's group. A PAC that fails to load makes browsers go DIRECT, unfiltered: on any
+        error, the one that sends every request to the proxy."""
+        try:
+            return self._pac_for_group(flow)
+        except Exception as exc:
+            _failed("pac", exc, "the PAC sends everything to the proxy")
+            return pac_response(flow, (), None, "fallback")
+
+    def _pac_for_group(self, flow: http.HTTPFlow) -> http.Response:
+        """Selective when the client's group (or the server) says so; every request through the proxy for a client
+        the address does not place in a group."""
         snapshot = self._snapshot()
         settings = snapshot.rules.server
         proxies = tuple(str(address) for address in settings.pac_proxies)
@@ -435,9 +444,9 @@ def _transparent(flow: http.HTTPFlow) -> bool:
     return flow.client_conn.proxy_mode.type_name == "transparent"
 
 
-def _failed(hook: str, exc: Exception) -> None:
+def _failed(hook: str, exc: Exception, outcome: str = "the flow is blocked") -> None:
     PROXY_ERRORS.labels(hook).inc()
-    log.error("proxy %s failed, the flow is blocked: %s: %s", hook, type(exc).__name__, exc)
+    log.error("proxy %s failed, %s: %s: %s", hook, outcome, type(exc).__name__, exc)
 
 
 def _engine_error_page() -> http.Response:

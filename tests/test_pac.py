@@ -19,6 +19,8 @@ from mitmproxy import http
 from mitmproxy.test import taddons, tflow, tutils
 
 from filter_proxy.addon import VigieAddon
+from policy.metrics import PROXY_ERRORS
+from policy.snapshot import Snapshot
 from policy.state import EMPTY_STATE
 from tests.conftest import REPO, free_port, free_port_run, snapshot_of, write_tree
 from tests.dns_servers import RunningVigie, UpstreamServer
@@ -126,6 +128,28 @@ def test_each_group_gets_its_own_pac_and_a_group_may_keep_all(tmp_path: Path) ->
     assert set(run_pac(kiosk, ["allowed.example", "roblox.com", "forum.example"]).values()) == {PROXY}
     stranger, _ = pac_for(tmp_path, "192.0.2.99")  # not placed in a group: everything through the proxy
     assert set(run_pac(stranger, ["allowed.example"]).values()) == {PROXY}
+
+
+def test_a_pac_that_cannot_be_made_sends_everything_to_the_proxy(tmp_path: Path) -> None:
+    """A PAC that fails to load makes a browser go DIRECT, unfiltered: an error serves the `all` PAC instead."""
+    def no_snapshot() -> Snapshot:
+        raise RuntimeError("the rules are gone")
+
+    addon = VigieAddon(no_snapshot, lambda: EMPTY_STATE)
+    flow = tflow.tflow(req=tutils.treq(host="127.0.0.1", port=8080, path=b"/proxy.pac", scheme=b"http",
+                                       authority=b"", headers=http.Headers(Host="127.0.0.1:8080"), content=b""))
+    flow.client_conn.peername = ("127.0.0.5", 40000)
+    flow.client_conn.sockname = ("127.0.0.1", 8080)
+
+    async def hook() -> None:
+        with taddons.context(addon):
+            addon.requestheaders(flow)
+
+    before = PROXY_ERRORS.labels("pac")._value.get()
+    asyncio.run(hook())
+    assert flow.response is not None and flow.response.status_code == 200
+    assert set(run_pac(flow.response.get_text() or "", ["allowed.example", "roblox.com"]).values()) == {PROXY}
+    assert PROXY_ERRORS.labels("pac")._value.get() == before + 1
 
 
 def test_pac_proxies_names_every_server(tmp_path: Path) -> None:
