@@ -1,1 +1,1 @@
-"""The HTTP(S) front: a mitmproxy addon that asks the shared engine (issue #5)."""
+"""The HTTP(S) front: a mitmproxy addon that asks the shared engine, and the server that runs it."""

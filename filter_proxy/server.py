@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
 import socket
 from collections.abc import Sequence
@@ -24,28 +23,12 @@ from mitmproxy.tools.dump import DumpMaster
 
 from blocklists.errors import VigieError
 from filter_proxy.addon import VigieAddon
+from filter_proxy.listen import LISTEN_BACKLOG, bind_proxy_socket
 from policy.model import SocketAddress
 
 START_TIMEOUT_SECONDS = 15.0
-LISTEN_BACKLOG = 4096  # a class opening a page: 25 tablets × 10-30 connections at once
 # mitmproxy logs every client connection at INFO: noise, and a trace of who browsed when. Warnings stay.
 logging.getLogger("mitmproxy.proxy.server").setLevel(logging.WARNING)
-
-
-def bind_proxy_socket(listen: SocketAddress) -> socket.socket:
-    """The proxy's listening TCP socket. Raises VigieError (with the fix) when the address cannot be had."""
-    sock = socket.socket(socket.AF_INET6 if listen.is_ipv6 else socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((listen.host, listen.port))
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as exc:
-        sock.close()
-        hint = " (another program listens there; set server.proxy.listen or --proxy-listen)" \
-            if exc.errno == errno.EADDRINUSE else ""
-        raise VigieError(f"the proxy cannot listen on {listen}: {exc.strerror}{hint}") from None
-    sock.setblocking(False)
-    return sock
 
 
 @dataclass

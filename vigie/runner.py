@@ -217,7 +217,7 @@ def run_services(args: argparse.Namespace) -> int:
         if fronts.dns and fronts.dns.workers > 1:
             fronts = dataclasses.replace(fronts, udp_sockets=bind_udp(fronts.dns.listen))
         if fronts.proxy_listen is not None:
-            from filter_proxy.server import bind_proxy_socket
+            from filter_proxy.listen import bind_proxy_socket
 
             fronts = dataclasses.replace(fronts, proxy_socket=bind_proxy_socket(fronts.proxy_listen))
         workers = _start_workers(holder, fronts)
