@@ -10,7 +10,7 @@ query files: cached allowed names; blocked names (half with `www.`); mixed (80 %
 time to the first answer (Vigie with its compiled lists already on disk). Then Vigie at a steady 20,000 qps.
 
 The four servers run side by side (idle but for the one measured) and take turns, file by file, for several
-rounds: this VM's speed drifts by tens of percent over minutes, so a ratio is taken between runs seconds apart
+rounds: a shared machine's speed drifts by tens of percent over minutes, so a ratio is taken between runs seconds apart
 (the median of the rounds), never between a server measured early and one measured minutes later. Every warm-up and
 round of the mixed file has never-seen names of its own.
 """

@@ -295,7 +295,7 @@ class UpstreamPool:
         self._sweeper: asyncio.TimerHandle | None = None
         # Queries to send once the loop is done with its current callbacks: the misses of one batch of client
         # queries go out together, so the upstream (asleep, on a quiet server) is woken once for them, not once
-        # each — on this VM a send that wakes its receiver costs ~25 µs.
+        # each: a send that wakes a sleeping receiver costs tens of microseconds.
         self._outbox: list[tuple[_SharedSocket, bytes, _Resolution, int]] = []
 
     def post(self, shared: _SharedSocket, wire: bytes, resolution: _Resolution, tries: int) -> None:
