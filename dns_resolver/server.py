@@ -24,7 +24,7 @@ from dnslib.buffer import BufferError as DnsBufferError
 from dnslib.label import DNSLabelError
 
 from blocklists.errors import NameRejected
-from blocklists.names import normalize_domain
+from blocklists.names import is_plain_name, normalize_domain
 from dns_resolver.budget import DECISION_COST, EXACT_COST, CacheBudget
 from dns_resolver.fastpath import (
     ExactReplies,
@@ -377,8 +377,8 @@ class DnsFront:
             judged = self.judge_answer(raw, client, snapshot, now, ttl_cap)
             if judged.blocked is not None:
                 ttl = min(judged.ttl_cap, BLOCK_TTL)
-                opens = self._opening(client, judged.via, now, snapshot) if judged.via and \
-                    not judged.via[-1].isdigit() and ":" not in judged.via else ""  # a name, not an address
+                opens = self._opening(client, judged.via, now, snapshot) \
+                    if judged.via and is_plain_name(judged.via) else ""  # a chained name, not a listed address
                 return _Reply(self._block_reply(request, judged.blocked, snapshot, ttl, judged.via, opens), ttl)
             ttl_cap = judged.ttl_cap
         reply = reply_to(request)

@@ -94,10 +94,8 @@ def run_pac(pac: str, hosts: list[str]) -> dict[str, str]:
     return answers
 
 
-def pac_for(tmp_path: Path, address: str, files: dict[str, str] = FILES) -> tuple[str, dict[str, str]]:
-    """The PAC the addon serves to a client at `address` asking the proxy directly, and its headers."""
-    snapshot = snapshot_of(tmp_path, files)
-    addon = VigieAddon(lambda: snapshot, lambda: EMPTY_STATE)
+def ask_pac(addon: VigieAddon, address: str) -> http.Response:
+    """The answer of the addon's request hook to a client at `address` fetching the PAC from the proxy itself."""
     flow = tflow.tflow(req=tutils.treq(host="127.0.0.1", port=8080, path=b"/proxy.pac", scheme=b"http",
                                        authority=b"", headers=http.Headers(Host="127.0.0.1:8080"), content=b""))
     flow.client_conn.peername = (address, 40000)
@@ -108,8 +106,16 @@ def pac_for(tmp_path: Path, address: str, files: dict[str, str] = FILES) -> tupl
             addon.requestheaders(flow)
 
     asyncio.run(hook())
-    assert flow.response is not None and flow.response.status_code == 200
-    return flow.response.get_text() or "", dict(flow.response.headers)
+    assert flow.response is not None
+    return flow.response
+
+
+def pac_for(tmp_path: Path, address: str, files: dict[str, str] = FILES) -> tuple[str, dict[str, str]]:
+    """The PAC the addon serves to a client at `address` asking the proxy directly, and its headers."""
+    snapshot = snapshot_of(tmp_path, files)
+    response = ask_pac(VigieAddon(lambda: snapshot, lambda: EMPTY_STATE), address)
+    assert response.status_code == 200
+    return response.get_text() or "", dict(response.headers)
 
 
 def test_a_selective_pac_sends_the_proxy_exactly_what_it_must_see(tmp_path: Path) -> None:
@@ -135,20 +141,10 @@ def test_a_pac_that_cannot_be_made_sends_everything_to_the_proxy(tmp_path: Path)
     def no_snapshot() -> Snapshot:
         raise RuntimeError("the rules are gone")
 
-    addon = VigieAddon(no_snapshot, lambda: EMPTY_STATE)
-    flow = tflow.tflow(req=tutils.treq(host="127.0.0.1", port=8080, path=b"/proxy.pac", scheme=b"http",
-                                       authority=b"", headers=http.Headers(Host="127.0.0.1:8080"), content=b""))
-    flow.client_conn.peername = ("127.0.0.5", 40000)
-    flow.client_conn.sockname = ("127.0.0.1", 8080)
-
-    async def hook() -> None:
-        with taddons.context(addon):
-            addon.requestheaders(flow)
-
     before = PROXY_ERRORS.labels("pac")._value.get()
-    asyncio.run(hook())
-    assert flow.response is not None and flow.response.status_code == 200
-    assert set(run_pac(flow.response.get_text() or "", ["allowed.example", "roblox.com"]).values()) == {PROXY}
+    response = ask_pac(VigieAddon(no_snapshot, lambda: EMPTY_STATE), "127.0.0.5")
+    assert response.status_code == 200
+    assert set(run_pac(response.get_text() or "", ["allowed.example", "roblox.com"]).values()) == {PROXY}
     assert PROXY_ERRORS.labels("pac")._value.get() == before + 1
 
 
@@ -159,13 +155,15 @@ def test_pac_proxies_names_every_server(tmp_path: Path) -> None:
     assert run_pac(pac, ["a.example"]) == {"a.example": "PROXY 10.99.0.1:8080; PROXY 10.99.0.2:8080"}
 
 
+def requests_decided(port: int) -> float:
+    """Requests one Vigie process's proxy decided, from its /metrics."""
+    return sum(float(v) for v in re.findall(r"^vigie_proxy_requests_total\{.*\} (\S+)$", metrics_text(port),
+                                            re.MULTILINE))
+
+
 def proxy_requests(metrics_port: int, processes: int = 2) -> float:
     """Requests the proxy decided, summed over every process's metrics (the main one, then the next ports)."""
-    total = 0.0
-    for port in range(metrics_port, metrics_port + processes):
-        text = metrics_text(port)
-        total += sum(float(v) for v in re.findall(r"^vigie_proxy_requests_total\{.*\} (\S+)$", text, re.MULTILINE))
-    return total
+    return sum(requests_decided(port) for port in range(metrics_port, metrics_port + processes))
 
 
 def metrics_text(port: int) -> str:

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from tests.conftest import free_port, free_port_run, write_tree
 from tests.proxy_servers import Origin, ProxyProcess, curl
-from tests.test_pac import metrics_text
+from tests.test_pac import requests_decided
 from tests.test_proxy_end_to_end import FILES
 
 WORKERS = 2
@@ -18,12 +17,7 @@ BATCH = 40
 
 def requests_by_worker(metrics_port: int) -> list[float]:
     """Requests each worker has decided, read from its own metrics endpoint (the main process, then the next port)."""
-    counts = []
-    for port in range(metrics_port, metrics_port + WORKERS):
-        text = metrics_text(port)
-        counts.append(sum(float(value) for value in re.findall(r"^vigie_proxy_requests_total\{.*\} (\S+)$", text,
-                                                               re.MULTILINE)))
-    return counts
+    return [requests_decided(port) for port in range(metrics_port, metrics_port + WORKERS)]
 
 
 def fetch_batch(port: int, url: str) -> list[str]:

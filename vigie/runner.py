@@ -235,15 +235,8 @@ def _start_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
     SO_REUSEPORT; a proxy worker accepts on the proxy's socket bound before the fork. Each maps the same compiled
     lists, watches the files itself, counts screen time through its own state keeper, and serves its metrics on
     the next port (9108 for the main process, then 9109, ... in the order above)."""
-    roles: list[Fronts] = []
-    if fronts.dns is not None:
-        roles += [dataclasses.replace(fronts, proxy_listen=None, proxy_socket=None, role=f"dns-{n}")
-                  for n in range(1, fronts.dns.workers)]
-    if fronts.proxy_listen is not None:
-        roles += [dataclasses.replace(fronts, dns=None, udp_sockets=None, role=f"proxy-{n}")
-                  for n in range(1, fronts.proxy_workers)]
     children = []
-    for offset, worker in enumerate(roles, start=1):
+    for offset, worker in enumerate(_extra_workers(fronts), start=1):
         metrics = fronts.metrics_listen and dataclasses.replace(fronts.metrics_listen,
                                                                  port=fronts.metrics_listen.port + offset)
         pid = os.fork()
@@ -257,11 +250,23 @@ def _start_workers(holder: SnapshotHolder, fronts: Fronts) -> list[int]:
     return children
 
 
+def _extra_workers(fronts: Fronts) -> list[Fronts]:
+    """What each process forked beside the main one runs, in the order of their metrics ports."""
+    roles: list[Fronts] = []
+    if fronts.dns is not None:
+        roles += [dataclasses.replace(fronts, proxy_listen=None, proxy_socket=None, role=f"dns-{n}")
+                  for n in range(1, fronts.dns.workers)]
+    if fronts.proxy_listen is not None:
+        roles += [dataclasses.replace(fronts, dns=None, udp_sockets=None, role=f"proxy-{n}")
+                  for n in range(1, fronts.proxy_workers)]
+    return roles
+
+
 def _metrics_endpoints(fronts: Fronts) -> tuple[str, ...]:
     """The /metrics of every process of this server: the main one, then each extra worker on the next port."""
     if fronts.metrics_listen is None:
         return ()
-    extra = (fronts.dns.workers - 1 if fronts.dns else 0) + (fronts.proxy_workers - 1 if fronts.proxy_listen else 0)
+    extra = len(_extra_workers(fronts))
     host = fronts.metrics_listen.host
     if host in ("0.0.0.0", "::"):
         host = "127.0.0.1" if host == "0.0.0.0" else "::1"
