@@ -366,8 +366,7 @@ class _RulesReader:
                                        "deny_networks", "internal_hosts", "connect_ports", "http_ports")) \
             if "proxy" in keys else {}
         pac = proxy["pac"].choice(tuple(m.value for m in PacMode)) if "pac" in proxy else None
-        pac_proxies = tuple(address for item in proxy["pac_proxies"].items()
-                            if (address := item.converted(parse_listen, "10.99.0.1:8080")) is not None) \
+        pac_proxies = proxy["pac_proxies"].converted_items(parse_listen, "10.99.0.1:8080") \
             if "pac_proxies" in proxy else ()
         proxy_workers = proxy["workers"].converted(parse_workers, "auto") if "workers" in proxy else None
         proxy_mode = proxy["mode"].choice(("regular", "transparent")) if "mode" in proxy else None
@@ -409,8 +408,7 @@ class _RulesReader:
         keys = field.mapping(("listen", "accounts", "allow_networks", "certificate", "key"))
         listen = keys["listen"].converted(parse_listen, "0.0.0.0:8443") if "listen" in keys else None
         accounts = keys["accounts"].text("teachers.yaml") if "accounts" in keys else None
-        networks = tuple(network for item in keys["allow_networks"].items()
-                         if (network := item.converted(parse_network, "10.20.0.0/24")) is not None) \
+        networks = keys["allow_networks"].converted_items(parse_network, "10.20.0.0/24") \
             if "allow_networks" in keys else ()
         certificate = keys["certificate"].text("/etc/vigie/teacher.pem") if "certificate" in keys else None
         key = keys["key"].text("/etc/vigie/teacher.key") if "key" in keys else None
@@ -425,9 +423,7 @@ class _RulesReader:
         defaults = ProxyReach()
 
         def listed(key: str, convert: Callable[[str], T], example: str, default: tuple[T, ...]) -> tuple[T, ...]:
-            if key not in keys:
-                return default
-            return tuple(v for item in keys[key].items() if (v := item.converted(convert, example)) is not None)
+            return keys[key].converted_items(convert, example) if key in keys else default
 
         return ProxyReach(
             deny_networks=listed("deny_networks", parse_network, "169.254.0.0/16", defaults.deny_networks),

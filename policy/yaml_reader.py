@@ -115,6 +115,10 @@ class Field:
         self.error(f"expected a list (example: [a, b]), found {_kind(self.node)}")
         return []
 
+    def converted_items(self, convert: Callable[[str], T], example: str) -> tuple[T, ...]:
+        """Each item of a list, converted; a bad one is recorded at its position and left out."""
+        return tuple(value for item in self.items() if (value := item.converted(convert, example)) is not None)
+
     def text(self, example: str = "") -> str | None:
         if isinstance(self.node, yaml.ScalarNode) and not self.is_null:
             return str(self.node.value)

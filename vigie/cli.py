@@ -134,6 +134,7 @@ def run_check(args: argparse.Namespace) -> int:
     print_problems(loaded.warnings)
     teacher = loaded.snapshot.rules.server.teacher
     accounts = Path(teacher.accounts)
+    count = None
     if teacher.listen is not None or accounts.exists():  # the teachers' page is on, or its accounts are there
         try:
             count = len(load_teachers(accounts, loaded.snapshot.rules))
@@ -142,7 +143,7 @@ def run_check(args: argparse.Namespace) -> int:
             print(f"{accounts}: {len(exc.errors)} error(s); nothing was changed", file=sys.stderr)
             return 1
     print(summary(loaded.snapshot, sum(p.severity is Severity.WARNING for p in loaded.warnings)))
-    if teacher.listen is not None or accounts.exists():
+    if count is not None:
         print(f"teachers' page: {'on ' + str(teacher.listen) if teacher.listen else 'off'}; {count} account(s) "
               f"in {accounts}")
     return 0
