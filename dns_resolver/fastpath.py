@@ -16,16 +16,16 @@ from __future__ import annotations
 import socket
 import struct
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, TypeVar
+from typing import NamedTuple
+
+from dns_resolver.bounded import BoundedCache
 
 OPT_TYPE = 41
 # The largest UDP answer, whatever size the client offers: no fragments (DNS flag day 2020), and a small query
 # never draws a large answer at a spoofed address (amplification). Beyond it, TC: the client asks over TCP.
 MAX_UDP_ANSWER = 1232
 ENTRY_COST = 590  # bytes an entry takes besides the reply itself (a process's RSS growth per entry)
-SECOND_CHANCES = 8  # how many used entries an eviction may move back to the end before dropping one
 PREFETCH_AFTER = 0.9  # of an answer's lifetime
 PREFETCH_MIN_HITS = 3
 _TTL = struct.Struct("!I")
@@ -188,27 +188,6 @@ def read_name(wire: bytes, offset: int) -> str:
     raise ValueError("a name that loops")
 
 
-class _Usable(Protocol):
-    recently_used: bool  # set by a hit, cleared when the entry is passed over once by an eviction
-
-
-Key = TypeVar("Key")
-Entry = TypeVar("Entry", bound=_Usable)
-
-
-def evict_one(entries: OrderedDict[Key, Entry]) -> Entry:
-    """Remove and return the oldest entry not used since it last came up ("second chance"): up to SECOND_CHANCES
-    used ones go back to the end, their flag cleared, before the oldest goes anyway. A stream of names asked once
-    then goes through a cache without pushing out the names in use, and a hit costs a flag, not a reordering."""
-    for _ in range(SECOND_CHANCES):
-        key, entry = entries.popitem(last=False)
-        if not entry.recently_used:
-            return entry
-        entry.recently_used = False
-        entries[key] = entry
-    return entries.popitem(last=False)[1]
-
-
 @dataclass(slots=True)
 class CachedReply:
     header: bytes  # reply bytes 2..12: flags and counts
@@ -248,17 +227,11 @@ class CachedReply:
 class ReplyCache:
     """Finished replies by (view, question, EDNS), where the view is what the decision depended on (rules
     generation and client group, and the device when a screen-time budget makes answers per device). Entries
-    expire with their shortest TTL and the decision's validity. Bounded with "second chance" eviction: the oldest
-    entry goes unless it was used since it last came up, so that a stream of names asked once does not push out
-    the popular ones (and a hit costs a flag, not a reordering)."""
+    expire with their shortest TTL and the decision's validity; the bounds and eviction are `BoundedCache`'s."""
 
     def __init__(self, max_bytes: int, max_entries: int | None = None) -> None:
-        # An OrderedDict: taking the oldest of a plain dict walks past every slot deleted before it (O(n) each
-        # time, seen as 5 % of the time under a stream of new names).
-        self._entries: OrderedDict[tuple[object, bytes, bool], CachedReply] = OrderedDict()
-        self._max = max_entries if max_entries is not None else max_bytes // ENTRY_COST  # as many as could fit
-        self._max_bytes = max_bytes
-        self._bytes = 0
+        self._entries: BoundedCache[tuple[object, bytes, bool], CachedReply] = BoundedCache(
+            max_bytes=max_bytes, entry_cost=ENTRY_COST, max_entries=max_entries)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -266,17 +239,10 @@ class ReplyCache:
     @property
     def memory(self) -> int:
         """The bytes the entries take, estimated."""
-        return self._bytes
+        return self._entries.memory
 
     def clear(self) -> None:
         self._entries.clear()
-        self._bytes = 0
-
-    def _remove(self, key: tuple[object, bytes, bool]) -> CachedReply | None:
-        entry = self._entries.pop(key, None)
-        if entry is not None:
-            self._bytes -= ENTRY_COST + entry.size
-        return entry
 
     def store(self, view: object, query: PlainQuery, reply: bytes, lifetime: float,
               labels: tuple[str, ...], *, from_upstream: bool = False,
@@ -294,16 +260,10 @@ class ReplyCache:
         now = time.monotonic()
         key = (view, query.question, query.edns)
         prefetch_at = now + PREFETCH_AFTER * lifetime if from_upstream and lifetime >= 10 else float("inf")
-        self._remove(key)  # re-inserted at the end
-        entry = self._entries[key] = CachedReply(reply[2:12], reply[query.question_end:], offsets, now,
-                                                 now + lifetime, len(reply), labels, prefetch_at, count_device)
-        self._bytes += ENTRY_COST + entry.size
-        while len(self._entries) > self._max or self._bytes > self._max_bytes:
-            self._evict_one()
+        entry = CachedReply(reply[2:12], reply[query.question_end:], offsets, now, now + lifetime, len(reply),
+                            labels, prefetch_at, count_device)
+        self._entries.put(key, entry)
         return entry
-
-    def _evict_one(self) -> None:
-        self._bytes -= ENTRY_COST + evict_one(self._entries).size
 
     def reply(self, view: object, query: PlainQuery, packet: bytes) -> tuple[bytes, CachedReply, bool] | None:
         """The cached reply for this query (ID, RD bit and question case from `packet`), its entry, and whether
@@ -313,7 +273,7 @@ class ReplyCache:
             return None
         now = time.monotonic()
         if now >= entry.expires_at:
-            self._remove((view, query.question, query.edns))
+            self._entries.remove((view, query.question, query.edns))
             return None
         if entry.size > query.udp_size:
             return None  # the slow path truncates

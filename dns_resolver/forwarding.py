@@ -1,6 +1,6 @@
-"""Upstream answers by question, as bytes: a cache that honours TTLs (clamped) and negative answers (evicting with a
-second chance, like the reply cache), one upstream query for many identical questions in flight, and serve-stale
-(RFC 8767) when no upstream answers.
+"""Upstream answers by question, as bytes: a cache that honours TTLs (clamped) and negative answers (the DNS
+front's one `BoundedCache`), one upstream query for many identical questions in flight, and serve-stale (RFC 8767)
+when no upstream answers.
 
 Questions go upstream lower-cased with Vigie's own EDNS record and nothing else: a client's EDNS client-subnet,
 cookies or padding never leave the server (privacy), and the answer does not depend on who asked first. Answers are
@@ -13,13 +13,13 @@ import asyncio
 import logging
 import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
-from dns_resolver.fastpath import Records, evict_one
+from dns_resolver.bounded import BoundedCache
+from dns_resolver.fastpath import Records
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
 from policy.metrics import DNS_ERRORS, DNS_STALE_ANSWERS
 
@@ -44,6 +44,10 @@ class _Entry:
     recently_used: bool = False  # answered from the cache (fresh or stale) since an eviction last passed it over
     targets: tuple[str, ...] = ()
     addresses: tuple[str, ...] = ()
+
+    @property
+    def size(self) -> int:
+        return len(self.wire)
 
 
 class UpstreamAnswer(NamedTuple):
@@ -88,11 +92,9 @@ class Forwarder:
         self.pool = pool
         self.max_ttl = max_ttl
         self.stale_seconds = stale_seconds
-        self._cache: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._cache: BoundedCache[bytes, _Entry] = BoundedCache(max_bytes=max_bytes, entry_cost=ENTRY_COST,
+                                                                max_entries=max_entries)
         self._flights: dict[bytes, list[AnswerCallback]] = {}
-        self._max = max_entries if max_entries is not None else max_bytes // ENTRY_COST  # as many as could fit
-        self._max_bytes = max_bytes
-        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._cache)
@@ -100,7 +102,7 @@ class Forwarder:
     @property
     def memory(self) -> int:
         """The bytes the cached answers take, estimated."""
-        return self._bytes
+        return self._cache.memory
 
     def cached(self, question: bytes) -> UpstreamAnswer | None:
         """The fresh cached answer to `question`, if any."""
@@ -186,15 +188,7 @@ class Forwarder:
         if wire[3] & 0x0F in (0, 3) and smallest_ttl is not None:  # the SOA's TTL for negatives
             entry.lifetime = min(self.max_ttl, smallest_ttl)
             if entry.lifetime >= 1:
-                replaced = self._cache.pop(question, None)
-                if replaced is not None:
-                    self._bytes -= ENTRY_COST + len(replaced.wire)
-                self._cache[question] = entry
-                self._bytes += ENTRY_COST + len(wire)
-                while len(self._cache) > self._max or self._bytes > self._max_bytes:
-                    # Second chance: a stream of names asked once must not push out the answers in use, which
-                    # serve-stale needs most when every upstream is down.
-                    self._bytes -= ENTRY_COST + len(evict_one(self._cache).wire)
+                self._cache.put(question, entry)
         return entry
 
     def _stale_or_failure(self, question: bytes, failure: UpstreamFailure) -> UpstreamAnswer | UpstreamFailure:
