@@ -2,9 +2,9 @@
 
 Precedence, first that applies wins (docs/rules.md, "How Vigie decides"):
  1. unknown client refused
- 2. teacher overrides for the device, then the group: a domain allow/block (most specific domain wins), then lock
+ 2. teacher overrides for the device, then the group: a domain allow/block (most specific domain wins)
  3. the profile's deny and allow lists, URL rules before domain rules, the most specific entry winning (a tie
-    goes to deny); the profile's search portal counts as allowed
+    goes to deny); the profile's search portal counts as allowed; then a teacher's lock blocks everything else
  4. mode of the profile in force: allowlist-only (kiosk) and block-all (night) block everything not allowed above
  5. screen-time budget spent (background services keep working)
  6. always-blocked categories (DNS bypass: DoH resolvers, VPNs, proxies)
@@ -19,139 +19,230 @@ time, or the soonest a budget can run out (a device uses at most one minute per 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, time, timedelta
+from typing import NamedTuple
 
 from blocklists.bundled_data import SafeSearchLevel
 from blocklists.names import ip_literal, parent_domains
+from policy.clients import Client
 from policy.decision import Action, Decision, Query, Reason
-from policy.model import DomainRule, Mode, ScheduleRule, UrlRule
-from policy.schedule import ProfileInForce
+from policy.model import DomainRule, Mode, Profile, UrlRule
 from policy.snapshot import CompiledProfile, Snapshot
 from policy.state import Override, OverrideKind, StateView
 
+UNKNOWN_CLIENT = Decision(Action.REFUSE, Reason.UNKNOWN_CLIENT,
+                          "unknown client: rules.yaml refuses clients outside its groups (devices.unknown)")
+
 
 def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
-    client = query.client
-    if client is None:
-        return Decision(Action.REFUSE, Reason.UNKNOWN_CLIENT,
-                        "unknown client: rules.yaml refuses clients outside its groups (devices.unknown)")
-    host, at = query.host, query.at.astimezone(UTC)  # every "until" below is a real instant (UTC arithmetic)
-    in_force = snapshot.profile_in_force(client.group, at)
-    compiled = snapshot.profiles[in_force.profile]
-    profile = compiled.profile
-    trail = list(_trail_opening(client.group, client.matched_by, in_force, snapshot))
-    until = in_force.until
-    masks = snapshot.lists.lookup_domain(host)
-    background = bool(masks & snapshot.background_mask)
-    metered = profile.screen_time_minutes is not None and not background
+    """The first step of the precedence (above) with something to say decides; nothing said, the host is allowed."""
+    if query.client is None:
+        return UNKNOWN_CLIENT
+    asked = _Asked.of(query, query.client, snapshot, state)
+    for step in BEFORE_BUDGET:
+        verdict = step(asked)
+        if verdict is not None:
+            return asked.decision(verdict)
+    asked = asked.with_budget_left()  # what follows holds at most until the budget could run out
+    for step in AFTER_BUDGET:
+        verdict = step(asked)
+        if verdict is not None:
+            return asked.decision(verdict)
+    return asked.decision(Verdict(Action.ALLOW, Reason.DEFAULT,
+                                  f"{asked.host} is in no blocked category of profile {asked.profile.name}"))
 
-    def decision(action: Action, reason: Reason, explanation: str, *, rule: str | None = None,
-                 categories: tuple[str, ...] = (), lists: int = 0, valid_until: datetime | None = None,
-                 rewrite_to: str | None = None, counts: bool = True) -> Decision:
-        trail.append(explanation)
+
+class Verdict(NamedTuple):
+    """What a step says; `_Asked.decision` adds who asked, the profile and until when."""
+
+    action: Action
+    reason: Reason
+    explanation: str
+    rule: str | None = None
+    categories: tuple[str, ...] = ()
+    lists: int = 0  # the list bits that matched
+    valid_until: datetime | None = None  # sooner than the profile's end: an override's, midnight
+    rewrite_to: str | None = None
+    counts: bool = True  # the minute counts as screen time (not when the budget is what blocks)
+
+
+class _Asked(NamedTuple):
+    """Everything the steps read, worked out once per question."""
+
+    query: Query
+    client: Client
+    host: str
+    at: datetime  # UTC: every "until" is a real instant
+    snapshot: Snapshot
+    compiled: CompiledProfile
+    profile: Profile
+    masks: int  # the list bits the host is on
+    metered: bool  # the profile has a budget and the host is no background service
+    minutes_used: int | None  # today, by the device, when its budget applies
+    overrides: tuple[Override, ...]  # those in force for this client
+    until: datetime | None  # the profile's end or the first override's, whichever is sooner
+    trail: tuple[str, ...]
+
+    @classmethod
+    def of(cls, query: Query, client: Client, snapshot: Snapshot, state: StateView) -> _Asked:
+        at = query.at.astimezone(UTC)
+        in_force = snapshot.profile_in_force(client.group, at)
+        compiled = snapshot.profiles[in_force.profile]
+        masks = snapshot.lists.lookup_domain(query.host)
+        overrides = tuple(o for o in state.overrides if o.applies_to(client.group, client.device, at)) \
+            if state.overrides else ()
+        until = _earliest(in_force.until, min(o.expires_at for o in overrides)) if overrides else in_force.until
+        metered = compiled.profile.screen_time_minutes is not None and not masks & snapshot.background_mask
+        used = state.minutes_used(client.device, at.astimezone(snapshot.clock.zone).date()) \
+            if metered and client.device is not None else None
+        return cls(query, client, query.host, at, snapshot, compiled, compiled.profile, masks, metered, used,
+                   overrides, until, (f"client → group {client.group} ({client.matched_by})", in_force.description))
+
+    def with_budget_left(self) -> _Asked:
+        """Past the budget step with minutes left: decisions hold until they could run out, and the trail says
+        how many are used."""
+        budget, used = self.profile.screen_time_minutes, self.minutes_used
+        if budget is None or used is None:
+            return self
+        runs_out = self.at.replace(second=0, microsecond=0) + timedelta(minutes=budget - used)
+        return self._replace(until=_earliest(self.until, runs_out),
+                             trail=(*self.trail, f"screen time: {used} of {budget} minutes used today"))
+
+    def decision(self, verdict: Verdict) -> Decision:
+        lists = tuple(self.snapshot.lists.refs_in(verdict.lists)) if verdict.lists else ()
         return Decision(
-            action=action, reason=reason, explanation=explanation, group=client.group, device=client.device,
-            profile=profile.name, categories=categories, lists=tuple(snapshot.lists.refs_in(lists)) if lists else (),
-            rule=rule,
-            until=_earliest(until, valid_until),
-            rewrite_to=rewrite_to, search_portal=profile.search_portal, counts_screen_time=metered and counts,
-            trail=tuple(trail),
-        )
+            action=verdict.action, reason=verdict.reason, explanation=verdict.explanation, group=self.client.group,
+            device=self.client.device, profile=self.profile.name, categories=verdict.categories, lists=lists,
+            rule=verdict.rule, until=_earliest(self.until, verdict.valid_until), rewrite_to=verdict.rewrite_to,
+            search_portal=self.profile.search_portal, counts_screen_time=self.metered and verdict.counts,
+            trail=(*self.trail, verdict.explanation))
 
-    # 2. overrides
-    overrides = [o for o in state.overrides if o.applies_to(client.group, client.device, at)] \
-        if state.overrides else []
-    if overrides:
-        found = _override_for(host, overrides)
-        if found is not None:
-            allowed = found.kind is OverrideKind.ALLOW
-            return decision(
-                Action.ALLOW if allowed else Action.BLOCK,
-                Reason.OVERRIDE_ALLOW if allowed else Reason.OVERRIDE_BLOCK,
-                f"{'allowed' if allowed else 'blocked'} by override {found.id} for {found.domain} "
-                f"({_override_scope(found)}, by {found.author}) until {_clock(found.expires_at, snapshot)}",
-                rule=f"override {found.id}", valid_until=found.expires_at)
-        until = _earliest(until, min(o.expires_at for o in overrides))
 
-    # 3. deny and allow lists
-    listed = _listed(host, query.path, compiled)
-    if listed is not None:
-        allowed, rule_text = listed
-        if not allowed:
-            return decision(Action.BLOCK, Reason.DENY_LIST, f"{host}{query.path or ''} is on the deny list of "
-                            f"profile {profile.name} ({rule_text})", rule=rule_text)
-        return decision(Action.ALLOW, Reason.ALLOW_LIST, f"{host}{query.path or ''} is on the allow list of "
-                        f"profile {profile.name} ({rule_text})", rule=rule_text)
+Step = Callable[[_Asked], "Verdict | None"]
 
-    lock = next((o for o in overrides if o.kind is OverrideKind.LOCK), None) if overrides else None
-    if lock is not None:
-        return decision(Action.BLOCK, Reason.OVERRIDE_LOCK,
-                        f"the {_override_scope(lock)} is locked by override {lock.id} (by {lock.author}) until "
-                        f"{_clock(lock.expires_at, snapshot)}: only the allow list is reachable",
-                        rule=f"override {lock.id}", valid_until=lock.expires_at)
 
-    # 4. mode
+def _domain_override(asked: _Asked) -> Verdict | None:
+    """2. A teacher's allow or block for this domain (device before group, most specific domain)."""
+    found = _override_for(asked.host, asked.overrides) if asked.overrides else None
+    if found is None:
+        return None
+    allowed = found.kind is OverrideKind.ALLOW
+    return Verdict(Action.ALLOW if allowed else Action.BLOCK,
+                   Reason.OVERRIDE_ALLOW if allowed else Reason.OVERRIDE_BLOCK,
+                   f"{'allowed' if allowed else 'blocked'} by override {found.id} for {found.domain} "
+                   f"({_override_scope(found)}, by {found.author}) until {_clock(found.expires_at, asked.snapshot)}",
+                   rule=f"override {found.id}", valid_until=found.expires_at)
+
+
+def _deny_or_allow_list(asked: _Asked) -> Verdict | None:
+    """3. The profile's deny and allow lists."""
+    listed = _listed(asked.host, asked.query.path, asked.compiled)
+    if listed is None:
+        return None
+    allowed, rule_text = listed
+    where = f"{asked.host}{asked.query.path or ''} is on the {'allow' if allowed else 'deny'} list"
+    return Verdict(Action.ALLOW if allowed else Action.BLOCK, Reason.ALLOW_LIST if allowed else Reason.DENY_LIST,
+                   f"{where} of profile {asked.profile.name} ({rule_text})", rule=rule_text)
+
+
+def _lock(asked: _Asked) -> Verdict | None:
+    """3, after the lists: a teacher's lock leaves only the allow list."""
+    lock = next((o for o in asked.overrides if o.kind is OverrideKind.LOCK), None)
+    if lock is None:
+        return None
+    return Verdict(Action.BLOCK, Reason.OVERRIDE_LOCK,
+                   f"the {_override_scope(lock)} is locked by override {lock.id} (by {lock.author}) until "
+                   f"{_clock(lock.expires_at, asked.snapshot)}: only the allow list is reachable",
+                   rule=f"override {lock.id}", valid_until=lock.expires_at)
+
+
+def _mode(asked: _Asked) -> Verdict | None:
+    """4. Kiosk (allowlist-only) and night (block-all) profiles block what the lists did not allow."""
+    profile = asked.profile
     if profile.mode is Mode.ALLOWLIST_ONLY:
-        return decision(Action.BLOCK, Reason.KIOSK, f"profile {profile.name} is allowlist-only (kiosk) and "
-                        f"{host} is not on its allow list", rule=f"profiles.{profile.name}.mode")
+        return Verdict(Action.BLOCK, Reason.KIOSK, f"profile {profile.name} is allowlist-only (kiosk) and "
+                       f"{asked.host} is not on its allow list", rule=f"profiles.{profile.name}.mode")
     if profile.mode is Mode.BLOCK_ALL:
-        return decision(Action.BLOCK, Reason.BLOCK_ALL, f"profile {profile.name} blocks everything not on its "
-                        "allow list", rule=f"profiles.{profile.name}.mode")
+        return Verdict(Action.BLOCK, Reason.BLOCK_ALL, f"profile {profile.name} blocks everything not on its "
+                       "allow list", rule=f"profiles.{profile.name}.mode")
+    return None
 
-    # 5. screen time
-    budget = profile.screen_time_minutes
-    if budget is not None and metered and client.device is not None:
-        used = state.minutes_used(client.device, at.astimezone(snapshot.clock.zone).date())
-        if used >= budget:
-            return decision(Action.BLOCK, Reason.SCREEN_TIME,
-                            f"screen time used up: {used} of {budget} minutes today (profile {profile.name})",
-                            rule=f"profiles.{profile.name}.screen_time", valid_until=_next_midnight(at, snapshot),
-                            counts=False)
-        # Whatever follows holds at least until the budget could run out.
-        until = _earliest(until, at.replace(second=0, microsecond=0) + timedelta(minutes=budget - used))
-        trail.append(f"screen time: {used} of {budget} minutes used today")
 
-    # 6. always-blocked categories
-    for name, mask in snapshot.always_block:
-        if masks & mask:
-            refs = ", ".join(snapshot.lists.refs_in(masks & mask))
-            return decision(Action.BLOCK, Reason.BYPASS, f"{host} is in category {name} ({refs}), always "
-                            "blocked because it lets devices bypass filtering (always_block)",
-                            rule="always_block", categories=(name,), lists=masks & mask)
+def _budget_spent(asked: _Asked) -> Verdict | None:
+    """5. The device's screen time for today is used up (background services keep working)."""
+    budget, used = asked.profile.screen_time_minutes, asked.minutes_used
+    if budget is None or used is None or used < budget:
+        return None
+    return Verdict(Action.BLOCK, Reason.SCREEN_TIME,
+                   f"screen time used up: {used} of {budget} minutes today (profile {asked.profile.name})",
+                   rule=f"profiles.{asked.profile.name}.screen_time",
+                   valid_until=_next_midnight(asked.at, asked.snapshot), counts=False)
 
-    # 7. categories of the profile
-    hit = masks & compiled.block_mask
-    if hit:
-        names = tuple(name for name, mask in compiled.blocked_categories if hit & mask)
-        refs = ", ".join(snapshot.lists.refs_in(hit))
-        return decision(Action.BLOCK, Reason.CATEGORY, f"{host} is in category {', '.join(names)} ({refs}), "
-                        f"blocked by profile {profile.name}", rule=f"profiles.{profile.name}.block",
-                        categories=names, lists=hit)
-    if query.path is not None:
-        url_hit = snapshot.lists.lookup_url(host, query.path, query.url or f"{host}{query.path}") & (
-            compiled.block_mask | snapshot.always_block_mask)
-        if url_hit:
-            names = tuple(name for name, mask in (*compiled.blocked_categories, *snapshot.always_block)
-                          if url_hit & mask)
-            return decision(Action.BLOCK, Reason.URL_LIST, f"{host}{query.path} matches the URL list of "
-                            f"category {', '.join(names)} ({', '.join(snapshot.lists.refs_in(url_hit))})",
-                            rule=f"profiles.{profile.name}.block", categories=names, lists=url_hit)
 
-    # 8. IP literals
+def _always_blocked(asked: _Asked) -> Verdict | None:
+    """6. Categories that let a device bypass filtering (DoH resolvers, VPNs, proxies), whatever the profile."""
+    for name, mask in asked.snapshot.always_block:
+        if asked.masks & mask:
+            refs = ", ".join(asked.snapshot.lists.refs_in(asked.masks & mask))
+            return Verdict(Action.BLOCK, Reason.BYPASS, f"{asked.host} is in category {name} ({refs}), always "
+                           "blocked because it lets devices bypass filtering (always_block)",
+                           rule="always_block", categories=(name,), lists=asked.masks & mask)
+    return None
+
+
+def _blocked_category(asked: _Asked) -> Verdict | None:
+    """7. The profile's blocked categories: domain lists."""
+    hit = asked.masks & asked.compiled.block_mask
+    if not hit:
+        return None
+    names = tuple(name for name, mask in asked.compiled.blocked_categories if hit & mask)
+    refs = ", ".join(asked.snapshot.lists.refs_in(hit))
+    return Verdict(Action.BLOCK, Reason.CATEGORY, f"{asked.host} is in category {', '.join(names)} ({refs}), "
+                   f"blocked by profile {asked.profile.name}", rule=f"profiles.{asked.profile.name}.block",
+                   categories=names, lists=hit)
+
+
+def _blocked_url(asked: _Asked) -> Verdict | None:
+    """7. The URL lists and expressions of the blocked and always-blocked categories, when the URL is known."""
+    query, snapshot, compiled = asked.query, asked.snapshot, asked.compiled
+    if query.path is None:
+        return None
+    hit = snapshot.lists.lookup_url(asked.host, query.path, query.url or f"{asked.host}{query.path}") & (
+        compiled.block_mask | snapshot.always_block_mask)
+    if not hit:
+        return None
+    names = tuple(name for name, mask in (*compiled.blocked_categories, *snapshot.always_block) if hit & mask)
+    return Verdict(Action.BLOCK, Reason.URL_LIST, f"{asked.host}{query.path} matches the URL list of "
+                   f"category {', '.join(names)} ({', '.join(snapshot.lists.refs_in(hit))})",
+                   rule=f"profiles.{asked.profile.name}.block", categories=names, lists=hit)
+
+
+def _ip_literal(asked: _Asked) -> Verdict | None:
+    """8. An address instead of a name, for profiles with `block_ip_literals`."""
+    host, profile = asked.host, asked.profile
     # A name whose last label ends in a letter is no address: parsing one costs more than the whole decision.
-    if profile.block_ip_literals and (host[-1:].isdigit() or ":" in host) and ip_literal(host) is not None:
-        return decision(Action.BLOCK, Reason.IP_LITERAL, f"{host} is an IP address; profile {profile.name} only "
-                        "allows names (block_ip_literals)", rule=f"profiles.{profile.name}.block_ip_literals")
+    if not (profile.block_ip_literals and (host[-1:].isdigit() or ":" in host) and ip_literal(host) is not None):
+        return None
+    return Verdict(Action.BLOCK, Reason.IP_LITERAL, f"{host} is an IP address; profile {profile.name} only "
+                   "allows names (block_ip_literals)", rule=f"profiles.{profile.name}.block_ip_literals")
 
-    # 9. safe search
-    target = snapshot.safe_search.get(host)
-    if target is not None and profile.safe_search is not SafeSearchLevel.OFF:
-        endpoint = target.endpoint(profile.safe_search)
-        return decision(Action.REWRITE, Reason.SAFE_SEARCH, f"{host} is {target.provider}: safe search "
-                        f"({profile.safe_search.value}) enforced through {endpoint}",
-                        rule=f"profiles.{profile.name}.safe_search", rewrite_to=endpoint)
 
-    return decision(Action.ALLOW, Reason.DEFAULT, f"{host} is in no blocked category of profile {profile.name}")
+def _safe_search(asked: _Asked) -> Verdict | None:
+    """9. A search or video provider: its enforced endpoint."""
+    target = asked.snapshot.safe_search.get(asked.host)
+    level = asked.profile.safe_search
+    if target is None or level is SafeSearchLevel.OFF:
+        return None
+    endpoint = target.endpoint(level)
+    return Verdict(Action.REWRITE, Reason.SAFE_SEARCH, f"{asked.host} is {target.provider}: safe search "
+                   f"({level.value}) enforced through {endpoint}", rule=f"profiles.{asked.profile.name}.safe_search",
+                   rewrite_to=endpoint)
+
+
+# The precedence of the module docstring, in order; the budget step splits it (see `_Asked.with_budget_left`).
+BEFORE_BUDGET: tuple[Step, ...] = (_domain_override, _deny_or_allow_list, _lock, _mode, _budget_spent)
+AFTER_BUDGET: tuple[Step, ...] = (_always_blocked, _blocked_category, _blocked_url, _ip_literal, _safe_search)
 
 
 def _listed(host: str, path: str | None, compiled: CompiledProfile) -> tuple[bool, str] | None:
@@ -175,7 +266,7 @@ def _listed(host: str, path: str | None, compiled: CompiledProfile) -> tuple[boo
     return None
 
 
-def _override_for(host: str, overrides: list[Override]) -> Override | None:
+def _override_for(host: str, overrides: tuple[Override, ...]) -> Override | None:
     """The domain override that decides for `host`: device-level before group-level, then the most specific
     domain, then block before allow."""
     best: tuple[tuple[int, int, int], Override] | None = None
@@ -192,31 +283,6 @@ def _override_for(host: str, overrides: list[Override]) -> Override | None:
 
 def _override_scope(override: Override) -> str:
     return f"device {override.device}" if override.device else f"group {override.group}"
-
-
-def _why_profile(rule: ScheduleRule | None, group: str, snapshot: Snapshot) -> str:
-    if rule is not None:
-        return str(rule.origin)
-    schedule = snapshot.rules.groups[group].schedule
-    return f"default of schedule {schedule}" if schedule else f"fixed profile of group {group}"
-
-
-def _trail_opening(group: str, matched_by: str, in_force: ProfileInForce, snapshot: Snapshot) -> tuple[str, str]:
-    """How the client was placed and which profile is in force: the same two lines for every name a group asks
-    until its schedule changes, so they are written once (formatting the dates costs more than the rest of a
-    DNS decision)."""
-    memo = snapshot.trail_memo.get((group, matched_by))
-    if memo is not None and memo[0] is in_force:
-        return memo[1]
-    lines = (f"client → group {group} ({matched_by})",
-             f"profile {in_force.profile} in force ({_why_profile(in_force.rule, group, snapshot)})"
-             f"{_until_text(in_force.until, snapshot)}")
-    snapshot.trail_memo[(group, matched_by)] = (in_force, lines)
-    return lines
-
-
-def _until_text(until: datetime | None, snapshot: Snapshot) -> str:
-    return f" until {until.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}" if until else ""
 
 
 def _clock(at: datetime, snapshot: Snapshot) -> str:

@@ -22,11 +22,13 @@ HORIZON_DAYS = 370
 
 @dataclass(frozen=True)
 class ProfileInForce:
-    """The profile a group has now, the schedule line that chose it (None: the default), and until when."""
+    """The profile a group has now, the schedule line that chose it (None: the default), until when, and all that
+    in words (the line of a decision's trail; written once per schedule change, not per decision)."""
 
     profile: str
     rule: ScheduleRule | None
     until: datetime | None
+    description: str
 
 
 class ScheduleClock:
@@ -73,10 +75,14 @@ class ScheduleClock:
         """The profile in force for `group` at `at` (an aware datetime) and the next instant it may change."""
         if group.schedule is None:
             assert group.profile is not None
-            return ProfileInForce(group.profile, None, None)
+            return ProfileInForce(group.profile, None, None,
+                                  f"profile {group.profile} in force (fixed profile of group {group.name})")
         schedule = schedules[group.schedule]
         profile, rule = self._choose(schedule, at)
-        return ProfileInForce(profile, rule, self._next_change(schedule, at, (profile, rule)))
+        until = self._next_change(schedule, at, (profile, rule))
+        why = str(rule.origin) if rule is not None else f"default of schedule {schedule.name}"
+        until_text = f" until {until.astimezone(self.zone):%Y-%m-%d %H:%M}" if until else ""
+        return ProfileInForce(profile, rule, until, f"profile {profile} in force ({why}){until_text}")
 
     def _next_change(self, schedule: Schedule, at: datetime,
                      current: tuple[str, ScheduleRule | None]) -> datetime | None:

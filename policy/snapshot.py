@@ -180,8 +180,6 @@ class Snapshot:
         self.profiles = {name: self._compile_profile(p) for name, p in rules.profiles.items()}
         self._profile_memo: dict[str, ProfileInForce] = {}
         self._memo_from: dict[str, datetime] = {}
-        # (group, how the client matched) → (profile in force, the first two lines of a decision's trail)
-        self.trail_memo: dict[tuple[str, str], tuple[ProfileInForce, tuple[str, str]]] = {}
 
     def _compile_profile(self, profile: Profile) -> CompiledProfile:
         allow = {rule.domain: rule for rule in profile.allow}
