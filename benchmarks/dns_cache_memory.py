@@ -6,8 +6,8 @@ size it was given.
     .venv/bin/python benchmarks/dns_cache_memory.py [--names 150000]
 
 The caches count their memory with costs per entry (`dns_resolver/budget.py`, `ENTRY_COST` in `fastpath.py` and
-`forwarding.py`, passed to `bounded.py`'s `BoundedCache`); this checks those costs against the process's real growth. Needs dnsperf and unbound (the
-loopback upstream); installs them with apt-get when missing.
+`forwarding.py`, passed to `bounded.py`'s `BoundedCache`); this checks those costs against the process's real
+growth. Needs dnsperf and unbound (the loopback upstream); installs them with apt-get when missing.
 """
 
 from __future__ import annotations
