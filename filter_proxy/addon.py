@@ -360,6 +360,20 @@ class VigieAddon:
             return client, None  # the rules' default group for unknown devices
         return None, http.Response.make(403, b"this device is not allowed to use the Vigie proxy\n")
 
+    def snapshot(self) -> Snapshot:
+        return self._snapshot()
+
+    def tunnel_passes_through(self, address: str, host: str, port: int, snapshot: Snapshot) -> bool:
+        """Whether a CONNECT to `host:port` from `address` without proxy credentials is passed through
+        undecrypted when its TLS name is `host` or none: what `http_connect` and `tls_clienthello` decide for such
+        a tunnel (a known client, a port CONNECT may name, allowed, nothing to inspect)."""
+        client, _ = self._identify(snapshot, address, None)
+        reach = snapshot.rules.server.proxy_reach
+        if client is None or not port_allowed(port, reach.connect_ports, reach):
+            return False
+        decision = self._decide(client, host, snapshot)
+        return decision.action is Action.ALLOW and not self._needs_inspection(host, decision, snapshot)
+
     def _decide(self, client: Client, host: str, snapshot: Snapshot) -> Decision:
         return self._counted(decide(Query(client, host, self._now()), snapshot, self._state()))
 

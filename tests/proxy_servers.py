@@ -8,11 +8,14 @@ connection goes to the local origin.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime
 import json
 import ssl
 import subprocess
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -22,6 +25,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from filter_proxy.addon import VigieAddon
+from filter_proxy.server import start_proxy
+from policy.model import SocketAddress
 from tests.conftest import REPO
 from tests.dns_servers import RunningVigie
 
@@ -131,3 +137,27 @@ def curl(proxy_port: int, url: str, *args: str) -> tuple[int, str, str]:
                              "-w", "\n%{http_code}", *args, url], capture_output=True, text=True, timeout=30)
     body, _, status = result.stdout.rpartition("\n")
     return result.returncode, status, body or result.stderr
+
+
+@contextlib.contextmanager
+def proxy_in_this_process(addon: VigieAddon, port: int, confdir: Path, options: tuple[str, ...] = ()) -> Iterator[None]:
+    """Vigie's `start_proxy` with `addon` on 127.0.0.1:`port`, in a thread of this process (so that a test can reach
+    into the addon), under asyncio.run, which cancels what is left and closes the loop on the way out."""
+    stop, ready = threading.Event(), threading.Event()
+
+    async def serve() -> None:
+        handle = await start_proxy(addon, SocketAddress("127.0.0.1", port), "regular", confdir, options)
+        ready.set()
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+        await handle.stop()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
+    thread.start()
+    assert ready.wait(20), "the proxy started"
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(15)
+        assert not thread.is_alive(), "the proxy stopped"

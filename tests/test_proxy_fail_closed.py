@@ -7,9 +7,7 @@ reads: the same path an engine bug would take.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,13 +15,11 @@ import pytest
 
 from filter_proxy.addon import VigieAddon
 from filter_proxy.ca import ensure_ca
-from filter_proxy.server import start_proxy
 from policy.metrics import PROXY_ERRORS
-from policy.model import SocketAddress
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE, StateView
 from tests.conftest import REPO, free_port, write_tree
-from tests.proxy_servers import Origin, allow_origin, curl
+from tests.proxy_servers import Origin, allow_origin, curl, proxy_in_this_process
 from tests.test_proxy_end_to_end import FILES
 from vigie.loading import load_snapshot
 
@@ -52,31 +48,13 @@ def running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[i
         addon = VigieAddon(lambda: snapshot, state)
         ca = ensure_ca(tmp_path / "var")
         port = free_port()
-        # The proxy runs in a thread under asyncio.run, which cancels what is left and closes the loop.
-        stop = threading.Event()
-        ready = threading.Event()
-
-        async def serve() -> None:
-            handle = await start_proxy(addon, SocketAddress("127.0.0.1", port), "regular", ca.confdir, (
-                f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}",
-                f"ssl_verify_upstream_trusted_ca={origin.ca_file}"))
-            ready.set()
-            while not stop.is_set():
-                await asyncio.sleep(0.05)
-            await handle.stop()
-
-        thread = threading.Thread(target=asyncio.run, args=(serve(),), daemon=True)
-        thread.start()
-        assert ready.wait(20), "the proxy started"
+        proxy = proxy_in_this_process(addon, port, ca.confdir, (
+            f"scripts={REPO / 'tests' / 'proxy_origin_map.py'}", f"ssl_verify_upstream_trusted_ca={origin.ca_file}"))
         # Trusted by the client: the origin's CA (a passed-through connection) and Vigie's (an intercepted one).
         bundle = tmp_path / "both-cas.pem"
         bundle.write_bytes(origin.ca_file.read_bytes() + ca.pem.read_bytes())
-        try:
+        with proxy:
             yield port, state, bundle
-        finally:
-            stop.set()
-            thread.join(15)
-            assert not thread.is_alive(), "the proxy stopped"
 
 
 def errors(hook: str) -> float:

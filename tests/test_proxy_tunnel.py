@@ -1,0 +1,204 @@
+"""The proxy's front door (`filter_proxy/tunnel.py`): tunnels passed through are relayed by Vigie itself, byte for
+byte, and everything it does not pass through reaches mitmproxy as the client sent it.
+
+A real proxy (Vigie's `start_proxy`, in this process), a raw TCP "server" on loopback that records what reaches it
+and answers with its digest and a large body, and hand-made clients: the front relays whatever follows a valid
+ClientHello, so the bytes after it need not be TLS. `vm` is a name of this machine's /etc/hosts (127.0.0.1), so
+that the addon resolves and pins a name as it would on the Internet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import socket
+import ssl
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from filter_proxy.addon import VigieAddon
+from filter_proxy.ca import ensure_ca
+from policy.snapshot import ListCache
+from policy.state import EMPTY_STATE
+from tests.conftest import free_port, write_tree
+from tests.proxy_servers import proxy_in_this_process
+from vigie.loading import load_snapshot
+
+# mitmproxy 11's TLS interception calls a pyOpenSSL API it deprecated; in this process, -W error would make it fail.
+pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL .* objects is deprecated:DeprecationWarning")
+HOST_NAME = "vm"
+REPLY_SIZE = 4 * 1024 * 1024
+
+
+@dataclass
+class Sink:
+    """Accepts connections; reads each to its end, records it, answers `digest\\n` and REPLY_SIZE bytes, closes."""
+
+    port: int = 0
+    received: list[bytes] = field(default_factory=list)
+    connections: int = 0
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                with contextlib.suppress(OSError):
+                    while chunk := conn.recv(65536):
+                        data += chunk
+                self.received.append(data)
+                with contextlib.suppress(OSError):
+                    conn.sendall(hashlib.sha256(data).hexdigest().encode() + b"\n" + reply_body())
+
+
+def reply_body() -> bytes:
+    return bytes(range(256)) * (REPLY_SIZE // 256)
+
+
+@pytest.fixture
+def front(tmp_path: Path) -> Iterator[tuple[int, Sink, socket.socket]]:
+    """(proxy port, the sink, a loopback listener that no rule lets the proxy reach)."""
+    sink, forbidden = Sink(), socket.create_server(("127.0.0.1", 0))
+    with socket.create_server(("127.0.0.1", 0)) as listener, forbidden:
+        sink.port = listener.getsockname()[1]
+        threading.Thread(target=sink.serve, args=(listener,), daemon=True).start()
+        rules = write_tree(tmp_path, {"games.txt": "roblox.com\n", "rules.yaml": f"""
+            lists:
+              games: {{source: games.txt, format: domains}}
+            categories:
+              games: [games]
+            server:
+              proxy:
+                internal_hosts: ["127.0.0.1:{sink.port}"]
+                connect_ports: [443, 1025-65535]
+            groups:
+              class: {{networks: [127.0.0.0/8], profile: class}}
+            profiles:
+              class: {{block: [games], block_ip_literals: false}}
+            """})
+        snapshot = load_snapshot(rules, ListCache()).snapshot
+        port = free_port()
+        with proxy_in_this_process(VigieAddon(lambda: snapshot, lambda: EMPTY_STATE), port,
+                                   ensure_ca(tmp_path / "var").confdir):
+            yield port, sink, forbidden
+
+
+def client_hello(server_name: str | None) -> bytes:
+    """A real TLS ClientHello, as a browser's first bytes in a tunnel."""
+    context = ssl.create_default_context()
+    context.check_hostname = server_name is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
+    """(response head, what came after it)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    return head, rest
+
+
+def read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(1 << 20):
+        data += chunk
+    return data
+
+
+def connect(port: int, target: str) -> bytes:
+    return f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode()
+
+
+def test_a_passed_through_tunnel_carries_everything_both_ways(front: tuple[int, Sink, socket.socket]) -> None:
+    """CONNECT, ClientHello and 4 MB sent at once without waiting for the 200; the client's half-close reaches
+    the server, whose 4 MB answer and close come back."""
+    port, sink, _ = front
+    upload = bytes(reversed(range(256))) * (REPLY_SIZE // 256)
+    hello = client_hello(HOST_NAME)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect(port, f"{HOST_NAME}:{sink.port}") + hello + upload)
+        sock.shutdown(socket.SHUT_WR)
+        head, rest = read_head(sock)
+        answer = rest + read_all(sock)
+    assert head == b"HTTP/1.1 200 Connection established"
+    digest, _, body = answer.partition(b"\n")
+    assert digest.decode() == hashlib.sha256(hello + upload).hexdigest()
+    assert body == reply_body()
+    assert sink.received == [hello + upload]
+
+
+def test_the_connect_head_may_come_byte_by_byte(front: tuple[int, Sink, socket.socket]) -> None:
+    port, sink, _ = front
+    hello = client_hello(None)  # an address as the CONNECT target: no TLS name
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        for byte in connect(port, f"127.0.0.1:{sink.port}"):
+            sock.send(bytes([byte]))
+            time.sleep(0.002)
+        head, rest = read_head(sock)
+        assert head == b"HTTP/1.1 200 Connection established" and rest == b""
+        sock.sendall(hello[:10])
+        time.sleep(0.05)
+        sock.sendall(hello[10:] + b"after")
+        sock.shutdown(socket.SHUT_WR)
+        digest = read_all(sock).partition(b"\n")[0]
+    assert digest.decode() == hashlib.sha256(hello + b"after").hexdigest()
+
+
+def test_a_tunnel_that_does_not_speak_tls_is_decided_by_mitmproxy(front: tuple[int, Sink, socket.socket]) -> None:
+    """After the 200, plain HTTP for a blocked host inside a tunnel to an allowed one: not relayed, but handed to
+    mitmproxy, which decides the request and answers with the block page."""
+    port, sink, _ = front
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect(port, f"{HOST_NAME}:{sink.port}"))
+        assert read_head(sock)[0] == b"HTTP/1.1 200 Connection established"
+        sock.sendall(b"GET /play HTTP/1.1\r\nHost: roblox.com\r\nConnection: close\r\n\r\n")
+        head, body = read_head(sock)
+        body += read_all(sock)
+    assert head.startswith(b"HTTP/1.1 403") and b"roblox.com" in body
+    assert sink.received in ([], [b""]), "nothing reached the server"
+
+
+def test_a_tls_name_other_than_the_connect_host_is_decided_by_mitmproxy(front: tuple[int, Sink, socket.socket],
+                                                                         tmp_path: Path) -> None:
+    port, sink, _ = front
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(connect(port, f"{HOST_NAME}:{sink.port}"))
+        assert read_head(raw)[0] == b"HTTP/1.1 200 Connection established"
+        context = ssl.create_default_context(cafile=str(tmp_path / "var" / "ca" / "vigie-ca.pem"))
+        with context.wrap_socket(raw, server_hostname="roblox.com") as tls:  # intercepted: Vigie's certificate
+            tls.sendall(b"GET / HTTP/1.1\r\nHost: roblox.com\r\nConnection: close\r\n\r\n")
+            head, body = read_head(tls)
+            body += read_all(tls)
+    assert head.startswith(b"HTTP/1.1 403") and b"roblox.com" in body
+    assert sink.received in ([], [b""]), "nothing reached the server"
+
+
+def test_a_destination_no_rule_lets_the_proxy_reach_is_never_connected(front: tuple[int, Sink, socket.socket]) -> None:
+    """An allowed name that resolves to a loopback port not listed in internal_hosts: 502 with the reason."""
+    port, _, forbidden = front
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect(port, f"{HOST_NAME}:{forbidden.getsockname()[1]}") + client_hello(HOST_NAME))
+        head, body = read_head(sock)
+        body += read_all(sock)
+    assert head.startswith(b"HTTP/1.1 502") and b"deny_networks" in body, (head, body)
+    forbidden.settimeout(0.5)
+    with pytest.raises(TimeoutError):
+        forbidden.accept()
