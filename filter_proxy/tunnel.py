@@ -97,19 +97,9 @@ class Relay(asyncio.Protocol):
     Back-pressure: when this transport cannot take more, the peer stops reading. Half-closes are passed on;
     `ended` is called once the connection is gone."""
 
-    def __init__(self, peer: asyncio.Transport, ended: Callable[[], None] = lambda: None, *,
-                 paused: bool = False) -> None:
+    def __init__(self, peer: asyncio.Transport, ended: Callable[[], None] = lambda: None) -> None:
         self.peer = peer
         self.ended = ended
-        self.paused = paused
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.paused:  # a server's first bytes wait until the client's ClientHello has gone to it
-            cast(asyncio.Transport, transport).pause_reading()
-
-    def detach(self) -> None:
-        """Closing this connection no longer closes the peer (which mitmproxy takes over)."""
-        self.peer = _DETACHED
 
     def data_received(self, data: bytes) -> None:
         self.peer.write(data)
@@ -128,31 +118,6 @@ class Relay(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.peer.resume_reading()
-
-
-class _Detached(asyncio.Transport):
-    """The peer of a relay whose client mitmproxy has taken: whatever comes is dropped."""
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        pass
-
-    def write_eof(self) -> None:
-        pass
-
-    def can_write_eof(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def pause_reading(self) -> None:
-        pass
-
-    def resume_reading(self) -> None:
-        pass
-
-
-_DETACHED = _Detached()
 
 
 class _AlreadyAnswered(asyncio.StreamWriter):
@@ -225,8 +190,8 @@ class TunnelFront:
             transport.abort()
 
     async def _open(self, inbox: Inbox, transport: asyncio.Transport) -> _Opened | None:
-        """Read the CONNECT head and connect to its judged destination: the tunnel to relay, HAND_OVER when it
-        is not one to pass through, None when the client has already been answered (or is gone)."""
+        """Read the CONNECT head, decide, and judge its destination: the tunnel to open, HAND_OVER when it is not
+        one to pass through, None when the client has already been answered (or is gone)."""
         while b"\r\n\r\n" not in inbox.data:
             if len(inbox.data) > MAX_HEAD:
                 return HAND_OVER
@@ -236,6 +201,9 @@ class TunnelFront:
                 transport.close()
                 return None
         head = bytes(inbox.data[:inbox.data.index(b"\r\n\r\n") + 4])
+        if inbox.closed and len(inbox.data) == len(head):
+            transport.close()  # a CONNECT and nothing more: a client that gave up (or never meant) to use it
+            return None
         target = _connect_target(head)
         peer, sockname = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         host = normalize_host(target[0]) if target is not None else None
@@ -245,60 +213,63 @@ class TunnelFront:
         hooks = ServerConnectionHookData(
             connection.Server(address=(host, target[1])),
             connection.Client(peername=peer[:2], sockname=sockname[:2], timestamp_start=time.time()))
-        server = await self._connect(hooks, transport)
-        if server is None:
+        # As mitmproxy would: `server_connect` resolves the host, judges every address and pins a judged one
+        # (Vigie's addon; a test's origin map before it). Nothing is connected before the ClientHello, as in
+        # mitmproxy's lazy mode: clients open connections they never use.
+        await self.master.addons.handle_lifecycle(ServerConnectHook(hooks))
+        if hooks.server.error is not None or hooks.server.address is None:
             transport.write(f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-                            f"{hooks.server.error}\n".encode())
+                            f"{hooks.server.error or 'no address to connect to'}\n".encode())
             transport.close()
             return None
-        return _Opened(head, host, server)
+        return _Opened(head, host, hooks)
 
     async def _relay(self, inbox: Inbox, transport: asyncio.Transport, opened: _Opened) -> None:
-        """Answer the CONNECT, read the ClientHello, and relay when it names the CONNECT host (or none)."""
-        server = opened.server
+        """Answer the CONNECT, read the ClientHello, and when it names the CONNECT host (or none), connect to the
+        judged address and relay."""
         transport.write(ESTABLISHED)
         del inbox.data[:len(opened.head)]
         hello = await _client_hello(inbox)
         if hello is None or not _same_host(hello, opened.host):
-            relay = server.get_protocol()
-            assert isinstance(relay, Relay)
-            relay.detach()
-            server.close()
-            return self.hand_over(inbox, transport, replayed_connect=opened.head)
+            opened.hooks.server.error = "not passed through: no TLS ClientHello for the CONNECT host"
+            await self.master.addons.handle_lifecycle(ServerConnectErrorHook(opened.hooks))  # pins released
+            server = None
+        else:
+            server = await self._connect(opened.hooks, transport)
+        if server is None:
+            if inbox.closed and not inbox.data:
+                transport.close()  # the client left without a byte: browsers open connections they never use
+            elif not transport.is_closing():  # mitmproxy intercepts, decides and answers, or tells what failed
+                self.hand_over(inbox, transport, replayed_connect=opened.head)
+            return
         PROXY_TLS.labels("passthrough").inc()
         transport.set_protocol(Relay(server, lambda: self._transports.discard(transport)))
         server.write(bytes(inbox.data))
         if inbox.closed and server.can_write_eof():
             server.write_eof()
-        server.resume_reading()
 
     async def _connect(self, hooks: ServerConnectionHookData,
                        client: asyncio.Transport) -> asyncio.Transport | None:
-        """Connect as mitmproxy would, through the addons' server hooks: `server_connect` resolves, judges and
-        pins the address (Vigie's addon; a test's origin map before it), then `server_connected`, and
-        `server_disconnected` when the relay ends. None, with `hooks.server.error` set, when refused or failed."""
-        addons = self.master.addons
-        await addons.handle_lifecycle(ServerConnectHook(hooks))
-        server = hooks.server
+        """Connect to the address `server_connect` judged and pinned, then `server_connected`, and
+        `server_disconnected` when the relay ends; None (and `server_connect_error`) when it fails."""
+        addons, server = self.master.addons, hooks.server
+        assert server.address is not None
 
         def ended(transport: asyncio.Transport) -> None:
             self._transports.discard(transport)
             self._run(addons.handle_lifecycle(ServerDisconnectedHook(hooks)))
 
-        if server.error is None and server.address is not None:
-            try:
-                transport, relay = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                    lambda: Relay(client, paused=True), *server.address), CONNECT_TIMEOUT)
-            except (OSError, TimeoutError) as exc:
-                server.error = f"cannot connect to {server.address[0]}:{server.address[1]} ({exc})"
-            else:
-                self._transports.add(transport)
-                relay.ended = functools.partial(ended, transport)
-                await addons.handle_lifecycle(ServerConnectedHook(hooks))
-                return transport
-        server.error = server.error or "no address to connect to"
-        await addons.handle_lifecycle(ServerConnectErrorHook(hooks))
-        return None
+        try:
+            transport, relay = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: Relay(client), *server.address), CONNECT_TIMEOUT)
+        except (OSError, TimeoutError) as exc:
+            server.error = f"cannot connect to {server.address[0]}:{server.address[1]} ({exc})"
+            await addons.handle_lifecycle(ServerConnectErrorHook(hooks))
+            return None
+        self._transports.add(transport)
+        relay.ended = functools.partial(ended, transport)
+        await addons.handle_lifecycle(ServerConnectedHook(hooks))
+        return transport
 
     def hand_over(self, inbox: Inbox, transport: asyncio.Transport, replayed_connect: bytes = b"") -> None:
         """mitmproxy takes the connection: its reader gets every byte read so far (after `replayed_connect`, a
@@ -320,10 +291,11 @@ class TunnelFront:
 class _Opened(NamedTuple):
     head: bytes  # the CONNECT request, as received
     host: str  # its host, normalised
-    server: asyncio.Transport  # connected to the judged address, reading paused
+    hooks: ServerConnectionHookData  # the server connection, its address judged and pinned
 
 
-HAND_OVER = _Opened(b"", "", _DETACHED)  # mitmproxy takes the connection
+HAND_OVER = _Opened(b"", "", ServerConnectionHookData(connection.Server(address=None), connection.Client(
+    peername=("", 0), sockname=("", 0), timestamp_start=0)))  # mitmproxy takes the connection
 
 
 def _failed(exc: Exception, outcome: str) -> None:

@@ -202,3 +202,21 @@ def test_a_destination_no_rule_lets_the_proxy_reach_is_never_connected(front: tu
     forbidden.settimeout(0.5)
     with pytest.raises(TimeoutError):
         forbidden.accept()
+
+
+def test_nothing_is_connected_for_a_client_that_leaves_before_its_client_hello(
+        front: tuple[int, Sink, socket.socket]) -> None:
+    """Browsers and HTTP libraries open connections they never use; the server is connected only once the
+    ClientHello is there, as in mitmproxy's lazy mode."""
+    port, sink, _ = front
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect(port, f"{HOST_NAME}:{sink.port}"))
+        assert read_head(sock)[0] == b"HTTP/1.1 200 Connection established"
+        sock.shutdown(socket.SHUT_WR)
+        assert read_all(sock) == b""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect(port, f"{HOST_NAME}:{sink.port}"))
+        sock.shutdown(socket.SHUT_WR)  # a CONNECT and nothing more
+        assert read_all(sock) == b""
+    time.sleep(0.2)
+    assert sink.connections == 0
