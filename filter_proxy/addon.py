@@ -439,6 +439,13 @@ class VigieAddon:
     def _block(self, flow: http.HTTPFlow, host: str, decision: Decision, snapshot: Snapshot, at: datetime,
                status: int = 403, query: Query | None = None) -> None:
         """Answer with the block page; `query`, when the block may end, to say when the site really opens."""
+        body, headers = self.block_page(host, decision, snapshot, at, flow.request.headers.get("Accept-Language"),
+                                        query)
+        flow.response = http.Response.make(status, body, headers)
+
+    def block_page(self, host: str, decision: Decision, snapshot: Snapshot, at: datetime,
+                   accept_language: str | None, query: Query | None = None) -> tuple[bytes, dict[str, str]]:
+        """The block page (body, headers) in the browser's language, counted in `vigie_block_pages_total`."""
         local = at.astimezone(snapshot.clock.zone)
         opens_at = next_allowed(query, snapshot, self._state()) if query is not None else None
         profile = snapshot.profiles.get(decision.profile or "")
@@ -448,10 +455,29 @@ class VigieAddon:
         ) or tuple(CategoryText(name, {}, {}) for name in decision.categories)
         facts = BlockPageFacts(host, decision, categories, local, profile.profile.message if profile else None,
                                snapshot.generation, opens_at)
-        language = preferred_language(flow.request.headers.get("Accept-Language"))
-        flow.response = http.Response.make(status, render(facts, language), {
-            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language})
+        language = preferred_language(accept_language)
         BLOCK_PAGES.labels(decision.reason.value).inc()
+        return render(facts, language), {
+            "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language}
+
+    def blocked_plain_request(self, address: str, host: str, port: int,
+                              raw_path: str) -> tuple[Decision, Query, Snapshot] | None:
+        """When `requestheaders` would answer a plain HTTP GET of `http://host:port<raw_path>` from `address`,
+        without proxy credentials and with `host` in its Host header, with the block page: the decision (counted),
+        its query and snapshot. None when anything else would happen (allowed, rewritten, a port to refuse, no
+        client): mitmproxy then takes the request and decides it itself, so nothing is counted here."""
+        snapshot = self._snapshot()
+        client, _ = self._identify(snapshot, address, None)
+        reach = snapshot.rules.server.proxy_reach
+        if client is None or not port_allowed(port, reach.http_ports, reach):
+            return None
+        path = normalize_path(raw_path)
+        query = Query(client, host, self._now(), path, f"http://{host}{path}")
+        decision = decide(query, snapshot, self._state())
+        if decision.action not in (Action.BLOCK, Action.REFUSE):
+            return None
+        PROXY_REQUESTS.labels(*self._counted(decision).labels).inc()
+        return decision, query, snapshot
 
 
 def _transparent(flow: http.HTTPFlow) -> bool:

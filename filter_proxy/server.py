@@ -3,8 +3,8 @@
 Vigie binds the proxy's listening socket itself (`bind_proxy_socket`), before any fork: the proxy workers of
 `vigie run` all accept on that one socket, and whichever worker is free takes the next connection. mitmproxy runs
 without its own listeners (`server=False`); each accepted connection is handed to its connection handler for the
-configured mode, as mitmproxy's own listener would — in regular mode through `tunnel.TunnelFront`, which relays the
-CONNECT tunnels passed through undecrypted itself and hands mitmproxy everything else."""
+configured mode, as mitmproxy's own listener would — in regular mode through `front.ProxyFront`, which relays the
+CONNECT tunnels passed through undecrypted and answers blocked plain HTTP itself, and hands mitmproxy the rest."""
 
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from mitmproxy.tools.dump import DumpMaster
 
 from blocklists.errors import VigieError
 from filter_proxy.addon import VigieAddon
+from filter_proxy.front import ProxyFront
 from filter_proxy.listen import LISTEN_BACKLOG, bind_proxy_socket
-from filter_proxy.tunnel import TunnelFront
 from policy.model import SocketAddress
 
 START_TIMEOUT_SECONDS = 15.0
@@ -38,7 +38,7 @@ class ProxyHandle:
     master: DumpMaster
     task: asyncio.Task[None]
     listener: asyncio.AbstractServer
-    front: TunnelFront | None = None
+    front: ProxyFront | None = None
 
     async def stop(self) -> None:
         self.listener.close()
@@ -78,8 +78,8 @@ async def start_proxy(addon: VigieAddon, listen: SocketAddress | socket.socket, 
         await asyncio.sleep(0.02)
     instance: ServerInstance[mode_specs.ProxyMode] = ServerInstance.make(mode_specs.ProxyMode.parse(mode),
                                                                          proxyserver)
-    if mode == "regular":  # passed-through tunnels are relayed by the front, the rest goes to mitmproxy
-        front = TunnelFront(addon, master, instance.handle_stream)
+    if mode == "regular":  # tunnels passed through and blocked plain HTTP: the front; the rest: mitmproxy
+        front = ProxyFront(addon, master, instance.handle_stream)
         listener = await asyncio.get_running_loop().create_server(front.protocol, sock=sock, backlog=LISTEN_BACKLOG)
         return ProxyHandle(master, task, listener, front)
     listener = await asyncio.start_server(instance.handle_stream, sock=sock, backlog=LISTEN_BACKLOG)

@@ -1,5 +1,5 @@
-"""The proxy's front door (`filter_proxy/tunnel.py`): tunnels passed through are relayed by Vigie itself, byte for
-byte, and everything it does not pass through reaches mitmproxy as the client sent it.
+"""The proxy's front door (`filter_proxy/front.py`): tunnels passed through are relayed by Vigie itself, byte for
+byte, blocked plain HTTP gets its block page from it, and everything else reaches mitmproxy as the client sent it.
 
 A real proxy (Vigie's `start_proxy`, in this process), a raw TCP "server" on loopback that records what reaches it
 and answers with its digest and a large body, and hand-made clients: the front relays whatever follows a valid
@@ -23,6 +23,7 @@ import pytest
 
 from filter_proxy.addon import VigieAddon
 from filter_proxy.ca import ensure_ca
+from policy.metrics import BLOCK_PAGES
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE
 from tests.conftest import free_port, write_tree
@@ -220,3 +221,58 @@ def test_nothing_is_connected_for_a_client_that_leaves_before_its_client_hello(
         assert read_all(sock) == b""
     time.sleep(0.2)
     assert sink.connections == 0
+
+
+def test_blocked_plain_http_is_answered_by_the_front_then_mitmproxy_takes_the_connection(
+        front: tuple[int, Sink, socket.socket]) -> None:
+    """Two blocked requests on one kept-alive connection get their block pages (the second a HEAD: no body); the
+    third, allowed, goes to mitmproxy with the connection, which decides and answers it (502: the name does not
+    resolve)."""
+    port, _, _ = front
+    before = BLOCK_PAGES.labels("category")._value.get()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET http://RoBlOx.CoM/play HTTP/1.1\r\nHost: roblox.com\r\nAccept-Language: en\r\n\r\n")
+        head, body = read_head(sock)
+        length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < length:
+            body += sock.recv(65536)
+        assert head.startswith(b"HTTP/1.1 403 Forbidden") and b"Content-Language: en" in head
+        assert len(body) == length and b"roblox.com" in body and b"</html>" in body
+        sock.sendall(b"HEAD http://www.roblox.com/ HTTP/1.1\r\nHost: www.roblox.com\r\n\r\n")
+        head, rest = read_head(sock)
+        assert head.startswith(b"HTTP/1.1 403 Forbidden") and rest == b""
+        sock.sendall(b"GET http://nowhere.invalid/ HTTP/1.1\r\nHost: nowhere.invalid\r\nConnection: close\r\n\r\n")
+        head, body = read_head(sock)
+        body += read_all(sock)
+    assert head.startswith(b"HTTP/1.1 502") and b"nowhere.invalid" in body, (head, body)
+    assert BLOCK_PAGES.labels("category")._value.get() == before + 2
+
+
+@pytest.mark.parametrize("request_head", [
+    b"GET http://roblox.com/ HTTP/1.0\r\nHost: roblox.com\r\n\r\n",
+    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nConnection: close\r\n\r\n",
+])
+def test_a_block_page_ends_a_connection_that_asked_for_it(front: tuple[int, Sink, socket.socket],
+                                                           request_head: bytes) -> None:
+    port, _, _ = front
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request_head)
+        answer = read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 403 Forbidden") and b"Connection: close" in answer
+
+
+@pytest.mark.parametrize("request_head", [
+    # the request line and the Host header name different hosts: domain fronting, mitmproxy's to judge (block)
+    b"GET http://allowed.example/ HTTP/1.1\r\nHost: roblox.com\r\n\r\n",
+    # a body, credentials, a repeated Host: not the front's
+    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nContent-Length: 2\r\n\r\nhi",
+    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nHost: allowed.example\r\n\r\n",
+])
+def test_requests_the_front_does_not_judge_reach_mitmproxy(front: tuple[int, Sink, socket.socket],
+                                                           request_head: bytes) -> None:
+    """Answered by mitmproxy (its block page, or its refusal of a malformed request), never let through."""
+    port, _, _ = front
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(request_head)
+        head = read_head(sock)[0]
+    assert head.split(b" ")[1] in (b"403", b"400"), head

@@ -1,5 +1,6 @@
-"""The proxy's front door: CONNECT tunnels that are passed through undecrypted are opened and relayed here, without
-mitmproxy; every other connection is handed to mitmproxy as it arrived.
+"""The proxy's front door: CONNECT tunnels that are passed through undecrypted are opened and relayed here, and
+blocked plain HTTP requests answered with the block page, without mitmproxy; everything else is handed to
+mitmproxy as it arrived.
 
 Most HTTPS a proxy sees is passed through (see addon.py): an allowed host with nothing to inspect. mitmproxy would
 accept it, parse it into events, run the hooks and relay each chunk through its layers; here it costs one decision,
@@ -10,8 +11,10 @@ in the order mitmproxy's hooks take it:
     → mitmproxy's server hooks: the addon resolves the host, judges every address and pins a judged one
     → connected there → "200 Connection established" → the ClientHello: no TLS name, or the CONNECT host → relayed.
 
-Anything else goes to mitmproxy with every byte read so far (`hand_over`), before any answer, so that mitmproxy
-answers it as it would have: a request that is not CONNECT, proxy credentials, a host blocked or to inspect. A
+A plain HTTP GET whose decision is a block (`addon.blocked_plain_request`, what `requestheaders` decides) gets
+the block page here, and the next request on the connection is read the same way. Anything else goes to mitmproxy
+with every byte from that request on (`hand_over`), before any answer, so that mitmproxy answers it as it would
+have: an allowed plain request, a PAC, proxy credentials, a host blocked or to inspect over TLS. A
 destination the hooks refuse, or that does not answer, gets 502 with the reason, and nothing is connected. After
 the 200, a ClientHello that is not TLS or names another host goes to mitmproxy with the CONNECT replayed in front
 and mitmproxy's own 200 not sent twice (`_AlreadyAnswered`): it intercepts and refuses, as when it had the
@@ -22,12 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import NamedTuple, cast
 
 from mitmproxy import connection
+from mitmproxy.exceptions import AddonHalt
+from mitmproxy.hooks import Hook
 from mitmproxy.master import Master
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.server_hooks import (
@@ -140,7 +146,7 @@ class _AlreadyAnswered(asyncio.StreamWriter):
         super().write(data)
 
 
-class TunnelFront:
+class ProxyFront:
     """Accepts the proxy's connections (regular mode): passed-through tunnels here, the rest to `mitmproxy`."""
 
     def __init__(self, addon: VigieAddon, master: Master, mitmproxy: StreamHandler) -> None:
@@ -172,12 +178,12 @@ class TunnelFront:
 
     async def _serve(self, inbox: Inbox, transport: asyncio.Transport) -> None:
         """Open the tunnel and relay it; anything else to mitmproxy. A failure before the client has an answer
-        hands the connection to mitmproxy, which decides again (and fails closed if it fails too); after, the
-        connection is closed."""
+        hands the connection to mitmproxy, which decides again (and fails closed, counted, if it fails too);
+        after, the connection is closed and counted."""
         try:
             opened = await self._open(inbox, transport)
-        except Exception as exc:
-            _failed(exc, "mitmproxy takes the connection")
+        except Exception as exc:  # mitmproxy's hooks meet the same fault and count it, or decide after all
+            log.warning("proxy front failed, mitmproxy takes the connection: %s: %s", type(exc).__name__, exc)
             opened = HAND_OVER
         if opened is HAND_OVER:
             return self.hand_over(inbox, transport)
@@ -190,25 +196,57 @@ class TunnelFront:
             transport.abort()
 
     async def _open(self, inbox: Inbox, transport: asyncio.Transport) -> _Opened | None:
-        """Read the CONNECT head, decide, and judge its destination: the tunnel to open, HAND_OVER when it is not
-        one to pass through, None when the client has already been answered (or is gone)."""
-        while b"\r\n\r\n" not in inbox.data:
-            if len(inbox.data) > MAX_HEAD:
-                return HAND_OVER
-            if not await inbox.wait():
-                if inbox.data:
+        """Read request heads: answer the blocked plain HTTP ones (keep-alive), and for a CONNECT to pass through,
+        judge its destination. The tunnel to open; HAND_OVER for anything else, with the bytes from that request
+        on; None when the client has been answered for good (or is gone)."""
+        peer, sockname = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
+        while True:
+            while b"\r\n\r\n" not in inbox.data:
+                if len(inbox.data) > MAX_HEAD:
                     return HAND_OVER
+                if not await inbox.wait():
+                    if inbox.data:
+                        return HAND_OVER
+                    transport.close()
+                    return None
+            head = bytes(inbox.data[:inbox.data.index(b"\r\n\r\n") + 4])
+            if peer is None:
+                return HAND_OVER
+            target = _connect_target(head)
+            if target is not None:
+                return await self._judge_tunnel(inbox, transport, head, target, peer, sockname)
+            request = _plain_get(head)
+            if request is None or not self._answer_blocked(request, transport, peer[0]):
+                return HAND_OVER
+            del inbox.data[:len(head)]
+            if not request.keep_alive:
                 transport.close()
                 return None
-        head = bytes(inbox.data[:inbox.data.index(b"\r\n\r\n") + 4])
+
+    def _answer_blocked(self, request: PlainGet, transport: asyncio.Transport, address: str) -> bool:
+        """Answer a plain HTTP GET with the block page, as `requestheaders` would; False when it is not blocked
+        (or not simply: mitmproxy then has it)."""
+        blocked = self.addon.blocked_plain_request(address, request.host, request.port, request.path)
+        if blocked is None:
+            return False
+        decision, query, snapshot = blocked
+        body, headers = self.addon.block_page(request.host, decision, snapshot, query.at, request.accept_language,
+                                              query)
+        head = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        closing = "" if request.keep_alive else "Connection: close\r\n"
+        transport.write(f"HTTP/1.1 403 Forbidden\r\n{head}Content-Length: {len(body)}\r\n{closing}\r\n".encode()
+                        + (b"" if request.head_only else body))
+        return True
+
+    async def _judge_tunnel(self, inbox: Inbox, transport: asyncio.Transport, head: bytes,
+                            target: tuple[str, int], peer: tuple[str, int], sockname: tuple[str, int],
+                            ) -> _Opened | None:
+        """A CONNECT to pass through, its destination judged; HAND_OVER or None (see `_open`)."""
         if inbox.closed and len(inbox.data) == len(head):
             transport.close()  # a CONNECT and nothing more: a client that gave up (or never meant) to use it
             return None
-        target = _connect_target(head)
-        peer, sockname = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        host = normalize_host(target[0]) if target is not None else None
-        if target is None or host is None or peer is None or not self.addon.tunnel_passes_through(
-                peer[0], host, target[1], self.addon.snapshot()):
+        host = normalize_host(target[0])
+        if host is None or not self.addon.tunnel_passes_through(peer[0], host, target[1], self.addon.snapshot()):
             return HAND_OVER
         hooks = ServerConnectionHookData(
             connection.Server(address=(host, target[1])),
@@ -216,7 +254,7 @@ class TunnelFront:
         # As mitmproxy would: `server_connect` resolves the host, judges every address and pins a judged one
         # (Vigie's addon; a test's origin map before it). Nothing is connected before the ClientHello, as in
         # mitmproxy's lazy mode: clients open connections they never use.
-        await self.master.addons.handle_lifecycle(ServerConnectHook(hooks))
+        await self._hook(ServerConnectHook(hooks))
         if hooks.server.error is not None or hooks.server.address is None:
             transport.write(f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
                             f"{hooks.server.error or 'no address to connect to'}\n".encode())
@@ -232,7 +270,7 @@ class TunnelFront:
         hello = await _client_hello(inbox)
         if hello is None or not _same_host(hello, opened.host):
             opened.hooks.server.error = "not passed through: no TLS ClientHello for the CONNECT host"
-            await self.master.addons.handle_lifecycle(ServerConnectErrorHook(opened.hooks))  # pins released
+            await self._hook(ServerConnectErrorHook(opened.hooks))  # pins released
             server = None
         else:
             server = await self._connect(opened.hooks, transport)
@@ -252,24 +290,43 @@ class TunnelFront:
                        client: asyncio.Transport) -> asyncio.Transport | None:
         """Connect to the address `server_connect` judged and pinned, then `server_connected`, and
         `server_disconnected` when the relay ends; None (and `server_connect_error`) when it fails."""
-        addons, server = self.master.addons, hooks.server
+        server = hooks.server
         assert server.address is not None
 
         def ended(transport: asyncio.Transport) -> None:
             self._transports.discard(transport)
-            self._run(addons.handle_lifecycle(ServerDisconnectedHook(hooks)))
+            self._run(self._hook(ServerDisconnectedHook(hooks), raises=False))
 
         try:
             transport, relay = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
                 lambda: Relay(client), *server.address), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             server.error = f"cannot connect to {server.address[0]}:{server.address[1]} ({exc})"
-            await addons.handle_lifecycle(ServerConnectErrorHook(hooks))
+            await self._hook(ServerConnectErrorHook(hooks))
             return None
         self._transports.add(transport)
         relay.ended = functools.partial(ended, transport)
-        await addons.handle_lifecycle(ServerConnectedHook(hooks))
+        await self._hook(ServerConnectedHook(hooks))
         return transport
+
+    async def _hook(self, hook: Hook, *, raises: bool = True) -> None:
+        """Run a server hook on every addon that has it, in mitmproxy's order (the chain, each addon's children
+        after it; an AddonHalt ends it), as `handle_lifecycle` would but without its context manager per addon
+        and event, which cost a third of a new tunnel. An exception ends the tunnel (fail closed) unless
+        `raises` is False (a hook after the fact: logged)."""
+        try:
+            for addon in _addons(self.master.addons.chain):
+                run = getattr(addon, hook.name, None)
+                if callable(run):
+                    result = run(*hook.args())
+                    if inspect.isawaitable(result):
+                        await result
+        except AddonHalt:
+            return
+        except Exception as exc:
+            if raises:
+                raise
+            _failed(exc, f"in the {hook.name} hook")
 
     def hand_over(self, inbox: Inbox, transport: asyncio.Transport, replayed_connect: bytes = b"") -> None:
         """mitmproxy takes the connection: its reader gets every byte read so far (after `replayed_connect`, a
@@ -301,6 +358,55 @@ HAND_OVER = _Opened(b"", "", ServerConnectionHookData(connection.Server(address=
 def _failed(exc: Exception, outcome: str) -> None:
     PROXY_ERRORS.labels("tunnel").inc()
     log.error("proxy tunnel failed, %s: %s: %s", outcome, type(exc).__name__, exc)
+
+
+class PlainGet(NamedTuple):
+    host: str  # normalised
+    port: int
+    path: str  # as sent
+    head_only: bool  # HEAD: the same answer without its body
+    keep_alive: bool
+    accept_language: str | None
+
+
+def _plain_get(head: bytes) -> PlainGet | None:
+    """A plain HTTP GET or HEAD in absolute form whose Host header names the same host, without body or proxy
+    credentials; None for anything else (mitmproxy reads and judges every other form)."""
+    request_line, _, header_block = head[:-4].partition(b"\r\n")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") \
+            or not parts[1].startswith(b"http://"):
+        return None
+    authority, slash, rest = parts[1][7:].decode("ascii", "replace").partition("/")
+    headers: dict[str, str] = {}
+    for line in header_block.split(b"\r\n"):
+        field, separator, value = line.partition(b":")
+        key = field.decode("latin-1").lower()
+        if not separator or key in headers or key != key.strip():
+            return None  # no headers, a repeated one, or a malformed one: mitmproxy's to judge
+        headers[key] = value.strip().decode("latin-1")
+    if headers.get("host", "").lower() != authority.lower() or "proxy-authorization" in headers \
+            or "transfer-encoding" in headers or headers.get("content-length", "0") != "0" or "@" in authority:
+        return None
+    if authority.startswith("["):
+        literal, _, after = authority[1:].partition("]")
+        port_text = after[1:] if after.startswith(":") else after
+    else:
+        literal, _, port_text = authority.rpartition(":") if ":" in authority else (authority, "", "")
+    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else 80 if not port_text else 0
+    host = normalize_host(literal)
+    if host is None or not port:
+        return None
+    keep_alive = parts[2] == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
+    return PlainGet(host, port, "/" + rest if slash else "/", parts[0] == b"HEAD", keep_alive,
+                    headers.get("accept-language"))
+
+
+def _addons(chain: Iterable[object]) -> Iterator[object]:
+    """mitmproxy's addons in the order it runs their hooks: each addon, then its children (a script's addons)."""
+    for addon in chain:
+        yield addon
+        yield from _addons(getattr(addon, "addons", ()))
 
 
 def _connect_target(head: bytes) -> tuple[str, int] | None:
