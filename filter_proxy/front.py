@@ -46,13 +46,14 @@ from mitmproxy.proxy.server_hooks import (
 from mitmproxy.tls import ClientHello
 
 from filter_proxy.addon import VigieAddon, normalize_host
+from filter_proxy.pac import PAC_PATHS
 from policy.metrics import PROXY_ERRORS, PROXY_TLS
 
 log = logging.getLogger(__name__)
 
-MAX_HEAD = 16_384  # a CONNECT head longer than this is mitmproxy's to refuse
+MAX_HEAD = 16_384  # a request head longer than this is mitmproxy's to refuse
 MAX_CLIENT_HELLO = 65_536  # records of a ClientHello with post-quantum key shares fit well within
-READ_TIMEOUT = 30.0  # for the CONNECT head and the ClientHello
+READ_TIMEOUT = 30.0  # for a request head and the ClientHello
 CONNECT_TIMEOUT = 10.0
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
 
@@ -147,7 +148,8 @@ class _AlreadyAnswered(asyncio.StreamWriter):
 
 
 class ProxyFront:
-    """Accepts the proxy's connections (regular mode): passed-through tunnels here, the rest to `mitmproxy`."""
+    """Accepts the proxy's connections (regular mode): tunnels passed through and blocked plain HTTP here, the
+    rest to `mitmproxy`."""
 
     def __init__(self, addon: VigieAddon, master: Master, mitmproxy: StreamHandler) -> None:
         self.addon = addon
@@ -395,10 +397,11 @@ def _plain_get(head: bytes) -> PlainGet | None:
         literal, _, port_text = authority.rpartition(":") if ":" in authority else (authority, "", "")
     port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else 80 if not port_text else 0
     host = normalize_host(literal)
-    if host is None or not port:
-        return None
+    path = "/" + rest if slash else "/"
+    if host is None or not port or path.split("?", 1)[0] in PAC_PATHS:
+        return None  # a PAC is served whatever the host's decision: one that fails to load means DIRECT
     keep_alive = parts[2] == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    return PlainGet(host, port, "/" + rest if slash else "/", parts[0] == b"HEAD", keep_alive,
+    return PlainGet(host, port, path, parts[0] == b"HEAD", keep_alive,
                     headers.get("accept-language"))
 
 

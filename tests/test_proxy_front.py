@@ -73,7 +73,7 @@ def front(tmp_path: Path) -> Iterator[tuple[int, Sink, socket.socket]]:
     with socket.create_server(("127.0.0.1", 0)) as listener, forbidden:
         sink.port = listener.getsockname()[1]
         threading.Thread(target=sink.serve, args=(listener,), daemon=True).start()
-        rules = write_tree(tmp_path, {"games.txt": "roblox.com\n", "rules.yaml": f"""
+        rules = write_tree(tmp_path, {"games.txt": "roblox.com\nwpad.example\n", "rules.yaml": f"""
             lists:
               games: {{source: games.txt, format: domains}}
             categories:
@@ -254,25 +254,34 @@ def test_blocked_plain_http_is_answered_by_the_front_then_mitmproxy_takes_the_co
 ])
 def test_a_block_page_ends_a_connection_that_asked_for_it(front: tuple[int, Sink, socket.socket],
                                                            request_head: bytes) -> None:
-    port, _, _ = front
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request_head)
-        answer = read_all(sock)
+    answer = exchange(front[0], request_head)
     assert answer.startswith(b"HTTP/1.1 403 Forbidden") and b"Connection: close" in answer
 
 
 @pytest.mark.parametrize("request_head", [
     # the request line and the Host header name different hosts: domain fronting, mitmproxy's to judge (block)
-    b"GET http://allowed.example/ HTTP/1.1\r\nHost: roblox.com\r\n\r\n",
-    # a body, credentials, a repeated Host: not the front's
-    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nContent-Length: 2\r\n\r\nhi",
-    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nHost: allowed.example\r\n\r\n",
+    b"GET http://allowed.example/ HTTP/1.1\r\nHost: roblox.com\r\nConnection: close\r\n\r\n",
+    # a body, a repeated Host: not the front's
+    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nContent-Length: 2\r\nConnection: close\r\n\r\nhi",
+    b"GET http://roblox.com/ HTTP/1.1\r\nHost: roblox.com\r\nHost: allowed.example\r\nConnection: close\r\n\r\n",
 ])
 def test_requests_the_front_does_not_judge_reach_mitmproxy(front: tuple[int, Sink, socket.socket],
                                                            request_head: bytes) -> None:
     """Answered by mitmproxy (its block page, or its refusal of a malformed request), never let through."""
-    port, _, _ = front
+    answer = exchange(front[0], request_head)
+    assert answer.split(b" ")[1] in (b"403", b"400"), answer[:300]
+
+
+def exchange(port: int, request: bytes) -> bytes:
+    """Everything the proxy answers to `request` on a new connection, until it closes it."""
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-        sock.sendall(request_head)
-        head = read_head(sock)[0]
-    assert head.split(b" ")[1] in (b"403", b"400"), head
+        sock.sendall(request)
+        return read_all(sock)
+
+
+def test_a_pac_request_is_served_even_from_a_blocked_host(front: tuple[int, Sink, socket.socket]) -> None:
+    """WPAD by DNS names a `wpad` host; were it blocked, a block page instead of the PAC would send browsers
+    DIRECT. The front leaves every PAC path to mitmproxy, which serves the PAC first."""
+    answer = exchange(front[0], b"GET http://wpad.example/wpad.dat HTTP/1.1\r\nHost: wpad.example\r\n"
+                                b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in answer, answer[:300]
