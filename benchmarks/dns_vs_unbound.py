@@ -1,6 +1,6 @@
 """Vigie's DNS resolver against unbound, same machine, same list, same queries, one run.
 
-    .venv/bin/python benchmarks/dns_vs_unbound.py [--seconds 5] [--rounds 3] [--steady-seconds 30]
+    .venv/bin/python benchmarks/dns_vs_unbound.py [--seconds 5] [--rounds 3] [--steady-seconds 30] [--against REV]
 
 Installs dnsperf and unbound with apt-get when missing. The upstream of both is a loopback unbound recursor in
 front of a loopback unbound "zone" that answers every `*.example` name and 500 `*.alias` names, each a two-step
@@ -10,7 +10,9 @@ answers a CDN-hosted site. Under test: unbound with 1 and 2 threads, every UT1 d
 judges every name of each chain). Four query files: cached allowed names; blocked names (half with `www.`); mixed
 (80 % repeated allowed, 15 % blocked, 5 % never seen); chains, the same mix where a third of the allowed names are
 aliases. For each: qps, average latency and lost queries (dnsperf), peak RSS of all processes, and start-up time to
-the first answer (Vigie with its compiled lists already on disk). Then Vigie at a steady 20,000 qps.
+the first answer (Vigie with its compiled lists already on disk). Then Vigie at a steady 20,000 qps. With
+`--against REV`, Vigie as of a git revision (2 workers, from a temporary worktree) takes the same turns, and this
+code's ratio to it is printed: what a change costs, apart from the machine's state.
 
 The four servers run side by side (idle but for the one measured) and take turns, file by file, for several
 rounds: a shared machine's speed drifts by tens of percent over minutes, so a ratio is taken between runs seconds apart
@@ -238,6 +240,18 @@ profiles:
 """
 
 
+@contextlib.contextmanager
+def worktree(revision: str) -> Iterator[Path]:
+    """The code as of `revision`, checked out in a temporary git worktree, removed on the way out."""
+    path = Path(tempfile.mkdtemp(prefix="vigie-at-"))
+    subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--force", "--detach", str(path), revision],
+                   check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
 def median(values: list[float]) -> float:
     ordered = sorted(values)
     middle = len(ordered) // 2
@@ -256,6 +270,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5, help="per run (default 5)")
     parser.add_argument("--rounds", type=int, default=3, help="runs per server and file (default 3)")
     parser.add_argument("--steady-seconds", type=float, default=30)
+    parser.add_argument("--against", metavar="REV", help="also run Vigie (2 workers) as of this git revision, in "
+                        "the same turns: whether a change costs speed, whatever the machine's state")
     arguments = parser.parse_args()
     ensure_tools()
     runs: dict[str, dict[str, list[Figures]]] = {}
@@ -279,8 +295,12 @@ def main() -> None:
         vigie = [sys.executable, "-m", "vigie", "dns", "--rules", str(workdir / "rules.yaml"), "--upstream",
                  f"127.0.0.1:{upstream_port}", "--metrics-listen", "off", "--api-listen", "off"]
         servers: dict[str, tuple[subprocess.Popen[bytes], int]] = {}
-        for label, threads in (("unbound 1 thread", 1), ("unbound 2 threads", 2), ("Vigie 1 worker", 1),
-                               ("Vigie 2 workers", 2)):
+        lineup = [("unbound 1 thread", 1, REPO), ("unbound 2 threads", 2, REPO), ("Vigie 1 worker", 1, REPO),
+                  ("Vigie 2 workers", 2, REPO)]
+        earlier = f"Vigie 2 workers @{arguments.against}"
+        if arguments.against:
+            lineup.append((earlier, 2, running.enter_context(worktree(arguments.against))))
+        for label, threads, code in lineup:
             port = free_port()
             if label.startswith("unbound"):
                 config = workdir / f"unbound{threads}.conf"
@@ -288,10 +308,10 @@ def main() -> None:
                 command = ["unbound", "-d", "-c", str(config)]
             else:
                 command = [*vigie, "--workers", str(threads), "--dns-listen", f"127.0.0.1:{port}"]
-            process, startup[label] = running.enter_context(serving(command, port, workdir / "servers.log", REPO))
+            process, startup[label] = running.enter_context(serving(command, port, workdir / "servers.log", code))
             servers[label] = (process, port)
             runs[label] = {kind: [] for kind in KINDS}
-        turns = [label for pair in PAIRS for label in pair]
+        turns = [label for pair in PAIRS for label in pair] + ([earlier] if arguments.against else [])
         for kind in KINDS:
             for _, port in servers.values():
                 dnsperf(port, files[kind], 2)  # warm-up: the cache holds what a running server would
@@ -322,6 +342,13 @@ def main() -> None:
             cells.append(f"{kind} {median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
         print(f"Vigie/unbound, {threads} core(s), median (range) of the rounds: {'  '.join(cells)}")
     print("  targets: mixed and chains ≥ 0.85, cached and blocked ≥ 0.6")
+    if arguments.against:
+        cells = []
+        for kind in KINDS:
+            ratios = [mine.qps / theirs.qps
+                      for mine, theirs in zip(runs["Vigie 2 workers"][kind], runs[earlier][kind], strict=True)]
+            cells.append(f"{kind} {median(ratios):.2f} ({min(ratios):.2f}–{max(ratios):.2f})")
+        print(f"this code / {arguments.against}, 2 workers, median (range) of the rounds: {'  '.join(cells)}")
     vigie_memory, unbound_memory = rss["Vigie 2 workers"], rss["unbound 2 threads"]
     print(f"memory Vigie 2 workers / unbound 2 threads: peak RSS summed {vigie_memory[0] / unbound_memory[0]:.2f}, "
           f"PSS {vigie_memory[1] / unbound_memory[1]:.2f}   (target ≤ 0.5)")
