@@ -61,7 +61,9 @@ async def start_proxy(addon: VigieAddon, listen: SocketAddress | socket.socket, 
     master.addons.add(addon)
     try:
         # Lazy: a blocked host is never connected to, and its page is served even when it does not resolve.
-        opts.update(connection_strategy="lazy")
+        # block_global off: who may use the proxy is rules.yaml's groups (the addon refuses the others), not
+        # mitmproxy's guess from the address — tablets on IPv6, or a school with public addresses, have global ones.
+        opts.update(connection_strategy="lazy", block_global=False)
         opts.set(*extra_options)
     except (OptionsError, KeyError) as exc:
         raise VigieError(f"bad proxy option: {exc}") from None

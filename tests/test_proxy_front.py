@@ -9,6 +9,7 @@ that the addon resolves and pins a name as it would on the Internet.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import socket
@@ -23,7 +24,9 @@ import pytest
 
 from filter_proxy.addon import VigieAddon
 from filter_proxy.ca import ensure_ca
+from filter_proxy.server import start_proxy
 from policy.metrics import BLOCK_PAGES
+from policy.model import SocketAddress
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE
 from tests.conftest import free_port, write_tree
@@ -285,3 +288,22 @@ def test_a_pac_request_is_served_even_from_a_blocked_host(front: tuple[int, Sink
     answer = exchange(front[0], b"GET http://wpad.example/wpad.dat HTTP/1.1\r\nHost: wpad.example\r\n"
                                 b"Connection: close\r\n\r\n")
     assert answer.startswith(b"HTTP/1.1 200") and b"FindProxyForURL" in answer, answer[:300]
+
+
+def test_who_may_use_the_proxy_is_the_rules_not_mitmproxys_guess_from_the_address(tmp_path: Path) -> None:
+    """mitmproxy refuses clients with global addresses by default (block_global): tablets on IPv6 and schools
+    with public addresses would get nothing from mitmproxy while the front served them."""
+    rules = write_tree(tmp_path, {"rules.yaml": "groups:\n  class: {networks: ['2001:db8::/32'], profile: p}\n"
+                                                "profiles:\n  p: {}\n"})
+    snapshot = load_snapshot(rules, ListCache()).snapshot
+
+    async def options_in_force() -> tuple[bool, bool]:
+        handle = await start_proxy(VigieAddon(lambda: snapshot, lambda: EMPTY_STATE),
+                                   SocketAddress("127.0.0.1", free_port()), "regular",
+                                   ensure_ca(tmp_path / "var").confdir)
+        try:
+            return handle.master.options.block_global, handle.master.options.block_private
+        finally:
+            await handle.stop()
+
+    assert asyncio.run(options_in_force()) == (False, False)
