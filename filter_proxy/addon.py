@@ -46,7 +46,7 @@ from policy.metrics import (
     PROXY_REQUESTS,
     PROXY_TLS,
 )
-from policy.model import IPAddress, PacMode
+from policy.model import IPAddress, PacMode, PortRange
 from policy.proxy_scope import ProxyScope, hosts_for_proxy
 from policy.snapshot import Snapshot
 from policy.state import StateView
@@ -214,10 +214,7 @@ class VigieAddon:
             decision = self._port_decision(snapshot, client, host, flow.request.port, "http_ports")
             self._block(flow, host, decision, snapshot, at)
             return
-        # URL rules see the path as a server reads it: `/%61dult`, `//adult` and `/x/../adult` are `/adult`.
-        path = normalize_path(flow.request.path)
-        url = f"{flow.request.scheme}://{host}{path}"
-        query = Query(client, host, at, path, url)
+        query = _request_query(client, flow.request.scheme, host, flow.request.path, at)
         decision = self._counted(decide(query, snapshot, self._state()))
         PROXY_REQUESTS.labels(*decision.labels).inc()
         if decision.action in (Action.BLOCK, Action.REFUSE):
@@ -367,12 +364,18 @@ class VigieAddon:
         """Whether a CONNECT to `host:port` from `address` without proxy credentials is passed through
         undecrypted when its TLS name is `host` or none: what `http_connect` and `tls_clienthello` decide for such
         a tunnel (a known client, a port CONNECT may name, allowed, nothing to inspect)."""
-        client, _ = self._identify(snapshot, address, None)
-        reach = snapshot.rules.server.proxy_reach
-        if client is None or not port_allowed(port, reach.connect_ports, reach):
+        client = self._client_at(snapshot, address, port, snapshot.rules.server.proxy_reach.connect_ports)
+        if client is None:
             return False
         decision = self._decide(client, host, snapshot)
         return decision.action is Action.ALLOW and not self._needs_inspection(host, decision, snapshot)
+
+    def _client_at(self, snapshot: Snapshot, address: str, port: int,
+                   ports: tuple[PortRange, ...]) -> Client | None:
+        """The client at `address`, without proxy credentials, when it may name `port` (one of `ports`)."""
+        client, _ = self._identify(snapshot, address, None)
+        reach = snapshot.rules.server.proxy_reach
+        return client if client is not None and port_allowed(port, ports, reach) else None
 
     def _decide(self, client: Client, host: str, snapshot: Snapshot) -> Decision:
         return self._counted(decide(Query(client, host, self._now()), snapshot, self._state()))
@@ -467,17 +470,22 @@ class VigieAddon:
         its query and snapshot. None when anything else would happen (allowed, rewritten, a port to refuse, no
         client): mitmproxy then takes the request and decides it itself, so nothing is counted here."""
         snapshot = self._snapshot()
-        client, _ = self._identify(snapshot, address, None)
-        reach = snapshot.rules.server.proxy_reach
-        if client is None or not port_allowed(port, reach.http_ports, reach):
+        client = self._client_at(snapshot, address, port, snapshot.rules.server.proxy_reach.http_ports)
+        if client is None:
             return None
-        path = normalize_path(raw_path)
-        query = Query(client, host, self._now(), path, f"http://{host}{path}")
+        query = _request_query(client, "http", host, raw_path, self._now())
         decision = decide(query, snapshot, self._state())
         if decision.action not in (Action.BLOCK, Action.REFUSE):
             return None
         PROXY_REQUESTS.labels(*self._counted(decision).labels).inc()
         return decision, query, snapshot
+
+
+def _request_query(client: Client, scheme: str, host: str, raw_path: str, at: datetime) -> Query:
+    """What the engine is asked for a request. URL rules see the path as a server reads it: `/%61dult`, `//adult`
+    and `/x/../adult` are `/adult`."""
+    path = normalize_path(raw_path)
+    return Query(client, host, at, path, f"{scheme}://{host}{path}")
 
 
 def _transparent(flow: http.HTTPFlow) -> bool:

@@ -24,6 +24,7 @@ connection from the start.
 from __future__ import annotations
 
 import asyncio
+import enum
 import functools
 import inspect
 import logging
@@ -186,10 +187,10 @@ class ProxyFront:
             opened = await self._open(inbox, transport)
         except Exception as exc:  # mitmproxy's hooks meet the same fault and count it, or decide after all
             log.warning("proxy front failed, mitmproxy takes the connection: %s: %s", type(exc).__name__, exc)
-            opened = HAND_OVER
-        if opened is HAND_OVER:
-            return self.hand_over(inbox, transport)
-        if opened is None:
+            opened = _Done.HAND_OVER
+        if isinstance(opened, _Done):
+            if opened is _Done.HAND_OVER:
+                self.hand_over(inbox, transport)
             return
         try:
             await self._relay(inbox, transport, opened)
@@ -197,33 +198,32 @@ class ProxyFront:
             _failed(exc, "the connection is closed")
             transport.abort()
 
-    async def _open(self, inbox: Inbox, transport: asyncio.Transport) -> _Opened | None:
+    async def _open(self, inbox: Inbox, transport: asyncio.Transport) -> _Opened | _Done:
         """Read request heads: answer the blocked plain HTTP ones (keep-alive), and for a CONNECT to pass through,
-        judge its destination. The tunnel to open; HAND_OVER for anything else, with the bytes from that request
-        on; None when the client has been answered for good (or is gone)."""
+        judge its destination. The tunnel to open; else how it ended (`_Done`)."""
         peer, sockname = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         while True:
             while b"\r\n\r\n" not in inbox.data:
                 if len(inbox.data) > MAX_HEAD:
-                    return HAND_OVER
+                    return _Done.HAND_OVER
                 if not await inbox.wait():
                     if inbox.data:
-                        return HAND_OVER
+                        return _Done.HAND_OVER
                     transport.close()
-                    return None
+                    return _Done.ANSWERED
             head = bytes(inbox.data[:inbox.data.index(b"\r\n\r\n") + 4])
             if peer is None:
-                return HAND_OVER
+                return _Done.HAND_OVER
             target = _connect_target(head)
             if target is not None:
                 return await self._judge_tunnel(inbox, transport, head, target, peer, sockname)
             request = _plain_get(head)
             if request is None or not self._answer_blocked(request, transport, peer[0]):
-                return HAND_OVER
+                return _Done.HAND_OVER
             del inbox.data[:len(head)]
             if not request.keep_alive:
                 transport.close()
-                return None
+                return _Done.ANSWERED
 
     def _answer_blocked(self, request: PlainGet, transport: asyncio.Transport, address: str) -> bool:
         """Answer a plain HTTP GET with the block page, as `requestheaders` would; False when it is not blocked
@@ -242,14 +242,14 @@ class ProxyFront:
 
     async def _judge_tunnel(self, inbox: Inbox, transport: asyncio.Transport, head: bytes,
                             target: tuple[str, int], peer: tuple[str, int], sockname: tuple[str, int],
-                            ) -> _Opened | None:
-        """A CONNECT to pass through, its destination judged; HAND_OVER or None (see `_open`)."""
+                            ) -> _Opened | _Done:
+        """A CONNECT to pass through, its destination judged; else how it ended (see `_open`)."""
         if inbox.closed and len(inbox.data) == len(head):
             transport.close()  # a CONNECT and nothing more: a client that gave up (or never meant) to use it
-            return None
+            return _Done.ANSWERED
         host = normalize_host(target[0])
         if host is None or not self.addon.tunnel_passes_through(peer[0], host, target[1], self.addon.snapshot()):
-            return HAND_OVER
+            return _Done.HAND_OVER
         hooks = ServerConnectionHookData(
             connection.Server(address=(host, target[1])),
             connection.Client(peername=peer[:2], sockname=sockname[:2], timestamp_start=time.time()))
@@ -261,7 +261,7 @@ class ProxyFront:
             transport.write(f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
                             f"{hooks.server.error or 'no address to connect to'}\n".encode())
             transport.close()
-            return None
+            return _Done.ANSWERED
         return _Opened(head, host, hooks)
 
     async def _relay(self, inbox: Inbox, transport: asyncio.Transport, opened: _Opened) -> None:
@@ -353,8 +353,12 @@ class _Opened(NamedTuple):
     hooks: ServerConnectionHookData  # the server connection, its address judged and pinned
 
 
-HAND_OVER = _Opened(b"", "", ServerConnectionHookData(connection.Server(address=None), connection.Client(
-    peername=("", 0), sockname=("", 0), timestamp_start=0)))  # mitmproxy takes the connection
+class _Done(enum.Enum):
+    """How `_open` ended when there is no tunnel to relay."""
+
+    HAND_OVER = "mitmproxy takes the connection, with the bytes from its current request on"
+    ANSWERED = "the client has its answer, or is gone"
+
 
 
 def _failed(exc: Exception, outcome: str) -> None:
@@ -390,15 +394,13 @@ def _plain_get(head: bytes) -> PlainGet | None:
     if headers.get("host", "").lower() != authority.lower() or "proxy-authorization" in headers \
             or "transfer-encoding" in headers or headers.get("content-length", "0") != "0" or "@" in authority:
         return None
-    if authority.startswith("["):
-        literal, _, after = authority[1:].partition("]")
-        port_text = after[1:] if after.startswith(":") else after
-    else:
-        literal, _, port_text = authority.rpartition(":") if ":" in authority else (authority, "", "")
-    port = int(port_text) if port_text.isdigit() and 0 < int(port_text) < 65536 else 80 if not port_text else 0
+    split = _authority(authority)
+    if split is None:
+        return None
+    literal, port = split[0], split[1] or 80
     host = normalize_host(literal)
     path = "/" + rest if slash else "/"
-    if host is None or not port or path.split("?", 1)[0] in PAC_PATHS:
+    if host is None or path.split("?", 1)[0] in PAC_PATHS:
         return None  # a PAC is served whatever the host's decision: one that fails to load means DIRECT
     keep_alive = parts[2] == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
     return PlainGet(host, port, path, parts[0] == b"HEAD", keep_alive,
@@ -420,13 +422,25 @@ def _connect_target(head: bytes) -> tuple[str, int] | None:
         return None
     if b"\nproxy-authorization:" in b"\n" + headers.lower():
         return None  # mitmproxy checks the credentials
-    authority = parts[1].decode("ascii", "replace")
-    host, colon, port = authority.rpartition(":")
-    if not colon or not port.isdigit() or not 0 < int(port) < 65536:
+    split = _authority(parts[1].decode("ascii", "replace"))
+    if split is None or split[1] is None:
         return None
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port)
+    return split[0], split[1]
+
+
+def _authority(text: str) -> tuple[str, int | None] | None:
+    """`host`, `host:port`, `[v6]` or `[v6]:port` → (the host without brackets, the port or None); None when what
+    follows the host is not a port."""
+    if text.startswith("["):
+        host, _, after = text[1:].partition("]")
+        if after and not after.startswith(":"):
+            return None
+        port = after[1:]
+    else:
+        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
+    if not port:
+        return host, None
+    return (host, int(port)) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
 async def _client_hello(inbox: Inbox) -> ClientHello | None:
