@@ -463,19 +463,22 @@ class VigieAddon:
         return render(facts, language), {
             "Content-Type": "text/html; charset=utf-8", "Cache-Control": "no-store", "Content-Language": language}
 
-    def blocked_plain_request(self, address: str, host: str, port: int,
-                              raw_path: str) -> tuple[Decision, Query, Snapshot] | None:
-        """When `requestheaders` would answer a plain HTTP GET of `http://host:port<raw_path>` from `address`,
-        without proxy credentials and with `host` in its Host header, with the block page: the decision (counted),
-        its query and snapshot. None when anything else would happen (allowed, rewritten, a port to refuse, no
-        client): mitmproxy then takes the request and decides it itself, so nothing is counted here."""
+    def plain_request(self, address: str, host: str, port: int,
+                      raw_path: str) -> tuple[Decision, Query, Snapshot] | None:
+        """What `requestheaders` decides for a plain HTTP GET of `http://host:port<raw_path>` from `address`, without
+        proxy credentials and with `host` in its Host header, when it would either answer with the block page (the
+        decision is a block) or send the request on unchanged (an allow): the decision (counted), its query and
+        snapshot. None when anything else would happen (a rewrite or portal redirect, a port to refuse, no client):
+        mitmproxy then takes the request and decides it itself, so nothing is counted here."""
         snapshot = self._snapshot()
         client = self._client_at(snapshot, address, port, snapshot.rules.server.proxy_reach.http_ports)
         if client is None:
             return None
         query = _request_query(client, "http", host, raw_path, self._now())
         decision = decide(query, snapshot, self._state())
-        if decision.action not in (Action.BLOCK, Action.REFUSE):
+        if decision.action is Action.ALLOW and host in snapshot.safe_search:
+            return None  # `_rewrite` may redirect it to the portal
+        if decision.action not in (Action.BLOCK, Action.REFUSE, Action.ALLOW):
             return None
         PROXY_REQUESTS.labels(*self._counted(decision).labels).inc()
         return decision, query, snapshot

@@ -36,6 +36,7 @@ from mitmproxy import connection
 from mitmproxy.exceptions import AddonHalt
 from mitmproxy.hooks import Hook
 from mitmproxy.master import Master
+from mitmproxy.optmanager import OptManager
 from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.server_hooks import (
     ServerConnectedHook,
@@ -47,36 +48,52 @@ from mitmproxy.proxy.server_hooks import (
 from mitmproxy.tls import ClientHello
 
 from filter_proxy.addon import VigieAddon, normalize_host
-from filter_proxy.pac import PAC_PATHS
+from filter_proxy.http1 import PlainGet, connect_target, error_response, plain_get
+from filter_proxy.relays import Relay, ResponseRelay
+from policy.decision import Action, Decision, Query
 from policy.metrics import PROXY_ERRORS, PROXY_TLS
+from policy.snapshot import Snapshot
 
 log = logging.getLogger(__name__)
 
 MAX_HEAD = 16_384  # a request head longer than this is mitmproxy's to refuse
 MAX_CLIENT_HELLO = 65_536  # records of a ClientHello with post-quantum key shares fit well within
+MAX_BUFFERED = 65_536  # a client's bytes held while the front has not taken them: reading pauses beyond
 READ_TIMEOUT = 30.0  # for a request head and the ClientHello
 CONNECT_TIMEOUT = 10.0
 ESTABLISHED = b"HTTP/1.1 200 Connection established\r\n\r\n"
+# mitmproxy's options that change or record plain HTTP flows, and the hooks a script would do that with
+_REQUEST_OPTIONS = ("anticache", "anticomp", "block_list", "hardump", "map_local", "map_remote", "modify_body",
+                    "modify_headers", "proxyauth", "save_stream_file", "server_replay", "stickyauth", "stickycookie")
+_REQUEST_HOOKS = ("requestheaders", "request", "responseheaders", "response", "error")
 
 StreamHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
 class Inbox(asyncio.Protocol):
-    """A connection's bytes, kept until the front knows where they go; `wait` until there are more."""
+    """A connection's bytes, kept until the front knows where they go; `wait` until there are more. Reading
+    pauses while more than MAX_BUFFERED bytes wait (a client sending ahead of a forwarded response)."""
 
     def __init__(self, connected: Callable[[Inbox, asyncio.Transport], None]) -> None:
         self.data = bytearray()
         self.closed = False
         self._more = asyncio.Event()
         self._connected = connected
+        self._transport: asyncio.Transport | None = None
+        self._reading = True
         self.lost: Callable[[], None] = lambda: None
+        self.writes_paused: Callable[[bool], None] = lambda paused: None  # the client cannot take more (or can)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._connected(self, cast(asyncio.Transport, transport))  # uvloop's are not asyncio.Transport subclasses
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's are not asyncio.Transport subclasses
+        self._connected(self, self._transport)
 
     def data_received(self, data: bytes) -> None:
         self.data += data
         self._more.set()
+        if len(self.data) > MAX_BUFFERED and self._reading and self._transport is not None:
+            self._reading = False
+            self._transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.closed = True
@@ -88,44 +105,29 @@ class Inbox(asyncio.Protocol):
         self._more.set()
         self.lost()
 
+    def pause_writing(self) -> None:
+        self.writes_paused(True)
+
+    def resume_writing(self) -> None:
+        self.writes_paused(False)
+
+    def read_on(self) -> None:
+        """Read again (the buffered bytes are being taken)."""
+        if not self._reading and self._transport is not None:
+            self._reading = True
+            self._transport.resume_reading()
+
     async def wait(self) -> bool:
         """Wait for more bytes; False when the client has closed or READ_TIMEOUT passed."""
         if self.closed:
             return False
         self._more.clear()
+        self.read_on()
         try:
             await asyncio.wait_for(self._more.wait(), READ_TIMEOUT)
         except TimeoutError:
             return False
         return not self.closed or bool(self.data)
-
-
-class Relay(asyncio.Protocol):
-    """One direction of a passed-through tunnel: what arrives on this protocol's transport is written to `peer`.
-    Back-pressure: when this transport cannot take more, the peer stops reading. Half-closes are passed on;
-    `ended` is called once the connection is gone."""
-
-    def __init__(self, peer: asyncio.Transport, ended: Callable[[], None] = lambda: None) -> None:
-        self.peer = peer
-        self.ended = ended
-
-    def data_received(self, data: bytes) -> None:
-        self.peer.write(data)
-
-    def eof_received(self) -> bool:
-        if self.peer.can_write_eof():
-            self.peer.write_eof()
-        return True
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.peer.close()
-        self.ended()
-
-    def pause_writing(self) -> None:
-        self.peer.pause_reading()
-
-    def resume_writing(self) -> None:
-        self.peer.resume_reading()
 
 
 class _AlreadyAnswered(asyncio.StreamWriter):
@@ -158,6 +160,9 @@ class ProxyFront:
         self.mitmproxy = mitmproxy
         self._tasks: set[asyncio.Task[None]] = set()
         self._transports: set[asyncio.Transport] = set()  # open, on either side of the tunnels of this front
+        self._options_change_requests = _options_change_requests(master.options)
+        master.options.changed.connect(
+            lambda updated: setattr(self, "_options_change_requests", _options_change_requests(master.options)))
 
     def close(self) -> None:
         """End every tunnel (the proxy stops); mitmproxy ends the connections it has."""
@@ -199,38 +204,42 @@ class ProxyFront:
             transport.abort()
 
     async def _open(self, inbox: Inbox, transport: asyncio.Transport) -> _Opened | _Done:
-        """Read request heads: answer the blocked plain HTTP ones (keep-alive), and for a CONNECT to pass through,
-        judge its destination. The tunnel to open; else how it ended (`_Done`)."""
+        """Read request heads: answer the plain HTTP ones the addon blocks or lets through unchanged (keep-alive),
+        and for a CONNECT to pass through, judge its destination. The tunnel to open; else how it ended (`_Done`)."""
         peer, sockname = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
-        while True:
-            while b"\r\n\r\n" not in inbox.data:
-                if len(inbox.data) > MAX_HEAD:
+        origin = _Origin()  # the connection the plain requests of this client go to, while they name one host
+        mitmproxy_changes_requests: bool | None = None  # asked at the first plain request
+        inbox.lost = functools.partial(_both_end, inbox.lost, origin.close)  # a response no one waits for
+        try:
+            while True:
+                head = await _next_head(inbox, transport)
+                if isinstance(head, _Done) or peer is None:
+                    return head if isinstance(head, _Done) else _Done.HAND_OVER
+                target = connect_target(head)
+                if target is not None:
+                    return await self._judge_tunnel(inbox, transport, head, target, peer, sockname)
+                request = plain_get(head)
+                if mitmproxy_changes_requests is None:
+                    mitmproxy_changes_requests = self._mitmproxy_changes_requests()
+                if request is None or request.upgrade or mitmproxy_changes_requests:
                     return _Done.HAND_OVER
-                if not await inbox.wait():
-                    if inbox.data:
-                        return _Done.HAND_OVER
+                judged = self.addon.plain_request(peer[0], request.host, request.port, request.path)
+                if judged is None:
+                    return _Done.HAND_OVER
+                del inbox.data[:len(head)]
+                if judged[0].action is Action.ALLOW:
+                    goes_on = await self._forward(request, inbox, transport, _Peers(peer, sockname), origin)
+                else:
+                    goes_on = self._answer_blocked(request, judged, transport)
+                if not goes_on:
                     transport.close()
                     return _Done.ANSWERED
-            head = bytes(inbox.data[:inbox.data.index(b"\r\n\r\n") + 4])
-            if peer is None:
-                return _Done.HAND_OVER
-            target = _connect_target(head)
-            if target is not None:
-                return await self._judge_tunnel(inbox, transport, head, target, peer, sockname)
-            request = _plain_get(head)
-            if request is None or not self._answer_blocked(request, transport, peer[0]):
-                return _Done.HAND_OVER
-            del inbox.data[:len(head)]
-            if not request.keep_alive:
-                transport.close()
-                return _Done.ANSWERED
+        finally:
+            origin.close()
 
-    def _answer_blocked(self, request: PlainGet, transport: asyncio.Transport, address: str) -> bool:
-        """Answer a plain HTTP GET with the block page, as `requestheaders` would; False when it is not blocked
-        (or not simply: mitmproxy then has it)."""
-        blocked = self.addon.blocked_plain_request(address, request.host, request.port, request.path)
-        if blocked is None:
-            return False
+    def _answer_blocked(self, request: PlainGet, blocked: tuple[Decision, Query, Snapshot],
+                        transport: asyncio.Transport) -> bool:
+        """Answer a plain HTTP GET with the block page, as `requestheaders` would; whether the connection goes on."""
         decision, query, snapshot = blocked
         body, headers = self.addon.block_page(request.host, decision, snapshot, query.at, request.accept_language,
                                               query)
@@ -238,7 +247,50 @@ class ProxyFront:
         closing = "" if request.keep_alive else "Connection: close\r\n"
         transport.write(f"HTTP/1.1 403 Forbidden\r\n{head}Content-Length: {len(body)}\r\n{closing}\r\n".encode()
                         + (b"" if request.head_only else body))
-        return True
+        return request.keep_alive
+
+    async def _forward(self, request: PlainGet, inbox: Inbox, transport: asyncio.Transport, peers: _Peers,
+                       origin: _Origin) -> bool:
+        """Send an allowed plain request to its origin, over the connection of the previous one when it named the
+        same host and port, else over a new one to the address `server_connect` judged; the response is relayed
+        as it comes (`ResponseRelay`). Whether the client's connection goes on."""
+        if not origin.serves(request.host, request.port):
+            origin.close()
+            hooks = await self._judged_destination(request.host, request.port, peers)
+            connected = None if isinstance(hooks, str) else await self._connect(hooks, ResponseRelay, transport)
+            if connected is None:
+                reason = hooks if isinstance(hooks, str) else hooks.server.error or "the server cannot be reached"
+                transport.write(error_response("502 Bad Gateway", reason))
+                return False
+            origin.opened(request.host, request.port, *connected)
+            inbox.writes_paused = origin.pause_reading
+        assert origin.relay is not None and origin.transport is not None
+        response = origin.relay.expect(request.head_only)
+        origin.transport.write(request.origin_form)
+        reusable = await response
+        if not reusable:
+            origin.close()
+        return reusable and request.keep_alive and not transport.is_closing()
+
+    def _mitmproxy_changes_requests(self) -> bool:
+        """Whether a mitmproxy option or an admin's script would change or record plain requests (`--set
+        modify_headers=…`, `--set scripts=` with request hooks): mitmproxy then answers them all. The scripts are
+        looked at for each connection (one may be reloaded with other hooks)."""
+        return self._options_change_requests or any(
+            not type(addon).__module__.startswith("mitmproxy.") and not isinstance(addon, VigieAddon)
+            and any(callable(getattr(addon, hook, None)) for hook in _REQUEST_HOOKS)
+            for addon in _addons(self.master.addons.chain))
+
+    async def _judged_destination(self, host: str, port: int, peers: _Peers) -> ServerConnectionHookData | str:
+        """The server connection to `host:port`, its address resolved, judged and pinned by mitmproxy's
+        `server_connect` hooks (the addon's; a test's origin map before it) as mitmproxy would; or why not."""
+        hooks = ServerConnectionHookData(
+            connection.Server(address=(host, port)),
+            connection.Client(peername=peers.client[:2], sockname=peers.listener[:2], timestamp_start=time.time()))
+        await self._hook(ServerConnectHook(hooks))
+        if hooks.server.error is not None or hooks.server.address is None:
+            return hooks.server.error or "no address to connect to"
+        return hooks
 
     async def _judge_tunnel(self, inbox: Inbox, transport: asyncio.Transport, head: bytes,
                             target: tuple[str, int], peer: tuple[str, int], sockname: tuple[str, int],
@@ -250,16 +302,11 @@ class ProxyFront:
         host = normalize_host(target[0])
         if host is None or not self.addon.tunnel_passes_through(peer[0], host, target[1], self.addon.snapshot()):
             return _Done.HAND_OVER
-        hooks = ServerConnectionHookData(
-            connection.Server(address=(host, target[1])),
-            connection.Client(peername=peer[:2], sockname=sockname[:2], timestamp_start=time.time()))
-        # As mitmproxy would: `server_connect` resolves the host, judges every address and pins a judged one
-        # (Vigie's addon; a test's origin map before it). Nothing is connected before the ClientHello, as in
-        # mitmproxy's lazy mode: clients open connections they never use.
-        await self._hook(ServerConnectHook(hooks))
-        if hooks.server.error is not None or hooks.server.address is None:
-            transport.write(f"HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nConnection: close\r\n\r\n"
-                            f"{hooks.server.error or 'no address to connect to'}\n".encode())
+        # Nothing is connected before the ClientHello, as in mitmproxy's lazy mode: clients open connections they
+        # never use.
+        hooks = await self._judged_destination(host, target[1], _Peers(peer, sockname))
+        if isinstance(hooks, str):
+            transport.write(error_response("502 Bad Gateway", hooks))
             transport.close()
             return _Done.ANSWERED
         return _Opened(head, host, hooks)
@@ -275,7 +322,8 @@ class ProxyFront:
             await self._hook(ServerConnectErrorHook(opened.hooks))  # pins released
             server = None
         else:
-            server = await self._connect(opened.hooks, transport)
+            connected = await self._connect(opened.hooks, Relay, transport)
+            server = connected[0] if connected else None
         if server is None:
             if inbox.closed and not inbox.data:
                 transport.close()  # the client left without a byte: browsers open connections they never use
@@ -283,15 +331,19 @@ class ProxyFront:
                 self.hand_over(inbox, transport, replayed_connect=opened.head)
             return
         PROXY_TLS.labels("passthrough").inc()
-        transport.set_protocol(Relay(server, lambda: self._transports.discard(transport)))
+        inbox.read_on()
+        back = Relay(server)
+        back.ended = lambda: self._transports.discard(transport)
+        transport.set_protocol(back)
         server.write(bytes(inbox.data))
         if inbox.closed and server.can_write_eof():
             server.write_eof()
 
-    async def _connect(self, hooks: ServerConnectionHookData,
-                       client: asyncio.Transport) -> asyncio.Transport | None:
-        """Connect to the address `server_connect` judged and pinned, then `server_connected`, and
-        `server_disconnected` when the relay ends; None (and `server_connect_error`) when it fails."""
+    async def _connect(self, hooks: ServerConnectionHookData, relay: Callable[[asyncio.Transport], _Relays],
+                       client: asyncio.Transport) -> tuple[asyncio.Transport, _Relays] | None:
+        """Connect to the address `server_connect` judged and pinned, with `relay(client)` as the protocol, then
+        `server_connected`, and `server_disconnected` when the connection ends; None (and `server_connect_error`)
+        when it fails."""
         server = hooks.server
         assert server.address is not None
 
@@ -300,16 +352,16 @@ class ProxyFront:
             self._run(self._hook(ServerDisconnectedHook(hooks), raises=False))
 
         try:
-            transport, relay = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: Relay(client), *server.address), CONNECT_TIMEOUT)
+            transport, protocol = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
+                lambda: relay(client), *server.address), CONNECT_TIMEOUT)
         except (OSError, TimeoutError) as exc:
             server.error = f"cannot connect to {server.address[0]}:{server.address[1]} ({exc})"
             await self._hook(ServerConnectErrorHook(hooks))
             return None
         self._transports.add(transport)
-        relay.ended = functools.partial(ended, transport)
+        protocol.ended = functools.partial(ended, transport)
         await self._hook(ServerConnectedHook(hooks))
-        return transport
+        return transport, protocol
 
     async def _hook(self, hook: Hook, *, raises: bool = True) -> None:
         """Run a server hook on every addon that has it, in mitmproxy's order (the chain, each addon's children
@@ -334,6 +386,7 @@ class ProxyFront:
         """mitmproxy takes the connection: its reader gets every byte read so far (after `replayed_connect`, a
         CONNECT already answered, whose answer mitmproxy then does not send again)."""
         loop = asyncio.get_running_loop()
+        inbox.read_on()
         reader = asyncio.StreamReader(limit=2**16, loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         transport.set_protocol(protocol)
@@ -345,6 +398,41 @@ class ProxyFront:
         writer_type = _AlreadyAnswered if replayed_connect else asyncio.StreamWriter
         writer = writer_type(transport, protocol, reader, loop)
         self._run(self.mitmproxy(reader, writer))
+
+
+_Relays = Relay | ResponseRelay
+
+
+class _Peers(NamedTuple):
+    client: tuple[str, int]  # the client's address and port (a 4-tuple on IPv6)
+    listener: tuple[str, int]  # the proxy's own
+
+
+class _Origin:
+    """The connection to an origin that a client's plain requests go to, while they name its host and port."""
+
+    host: str | None = None
+    port = 0
+    transport: asyncio.Transport | None = None
+    relay: ResponseRelay | None = None
+
+    def serves(self, host: str, port: int) -> bool:
+        return self.transport is not None and not self.transport.is_closing() and (host, port) == (self.host,
+                                                                                                  self.port)
+
+    def opened(self, host: str, port: int, transport: asyncio.Transport, relay: _Relays) -> None:
+        assert isinstance(relay, ResponseRelay)
+        self.host, self.port, self.transport, self.relay = host, port, transport, relay
+
+    def pause_reading(self, paused: bool) -> None:
+        """The client cannot take more of the response (or can again)."""
+        if self.transport is not None and not self.transport.is_closing():
+            (self.transport.pause_reading if paused else self.transport.resume_reading)()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.host, self.transport, self.relay = None, None, None
 
 
 class _Opened(NamedTuple):
@@ -366,45 +454,27 @@ def _failed(exc: Exception, outcome: str) -> None:
     log.error("proxy tunnel failed, %s: %s: %s", outcome, type(exc).__name__, exc)
 
 
-class PlainGet(NamedTuple):
-    host: str  # normalised
-    port: int
-    path: str  # as sent
-    head_only: bool  # HEAD: the same answer without its body
-    keep_alive: bool
-    accept_language: str | None
+def _options_change_requests(options: OptManager) -> bool:
+    return any(name in options and getattr(options, name) != options.default(name) for name in _REQUEST_OPTIONS)
 
 
-def _plain_get(head: bytes) -> PlainGet | None:
-    """A plain HTTP GET or HEAD in absolute form whose Host header names the same host, without body or proxy
-    credentials; None for anything else (mitmproxy reads and judges every other form)."""
-    request_line, _, header_block = head[:-4].partition(b"\r\n")
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") \
-            or not parts[1].startswith(b"http://"):
-        return None
-    authority, slash, rest = parts[1][7:].decode("ascii", "replace").partition("/")
-    headers: dict[str, str] = {}
-    for line in header_block.split(b"\r\n"):
-        field, separator, value = line.partition(b":")
-        key = field.decode("latin-1").lower()
-        if not separator or key in headers or key != key.strip():
-            return None  # no headers, a repeated one, or a malformed one: mitmproxy's to judge
-        headers[key] = value.strip().decode("latin-1")
-    if headers.get("host", "").lower() != authority.lower() or "proxy-authorization" in headers \
-            or "transfer-encoding" in headers or headers.get("content-length", "0") != "0" or "@" in authority:
-        return None
-    split = _authority(authority)
-    if split is None:
-        return None
-    literal, port = split[0], split[1] or 80
-    host = normalize_host(literal)
-    path = "/" + rest if slash else "/"
-    if host is None or path.split("?", 1)[0] in PAC_PATHS:
-        return None  # a PAC is served whatever the host's decision: one that fails to load means DIRECT
-    keep_alive = parts[2] == b"HTTP/1.1" and headers.get("connection", "").lower() != "close"
-    return PlainGet(host, port, path, parts[0] == b"HEAD", keep_alive,
-                    headers.get("accept-language"))
+def _both_end(first: Callable[[], None], second: Callable[[], None]) -> None:
+    first()
+    second()
+
+
+async def _next_head(inbox: Inbox, transport: asyncio.Transport) -> bytes | _Done:
+    """The next request head the client sent; or how the connection ended (closed, or bytes that are no head
+    of a size the front reads: mitmproxy's)."""
+    while b"\r\n\r\n" not in inbox.data:
+        if len(inbox.data) > MAX_HEAD:
+            return _Done.HAND_OVER
+        if not await inbox.wait():
+            if inbox.data:
+                return _Done.HAND_OVER
+            transport.close()
+            return _Done.ANSWERED
+    return bytes(inbox.data[:inbox.data.index(b"\r\n\r\n") + 4])
 
 
 def _addons(chain: Iterable[object]) -> Iterator[object]:
@@ -412,35 +482,6 @@ def _addons(chain: Iterable[object]) -> Iterator[object]:
     for addon in chain:
         yield addon
         yield from _addons(getattr(addon, "addons", ()))
-
-
-def _connect_target(head: bytes) -> tuple[str, int] | None:
-    """(host, port) of a `CONNECT host:port HTTP/1.x` head without proxy credentials; None for anything else."""
-    request_line, _, headers = head.partition(b"\r\n")
-    parts = request_line.split(b" ")
-    if len(parts) != 3 or parts[0] != b"CONNECT" or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-        return None
-    if b"\nproxy-authorization:" in b"\n" + headers.lower():
-        return None  # mitmproxy checks the credentials
-    split = _authority(parts[1].decode("ascii", "replace"))
-    if split is None or split[1] is None:
-        return None
-    return split[0], split[1]
-
-
-def _authority(text: str) -> tuple[str, int | None] | None:
-    """`host`, `host:port`, `[v6]` or `[v6]:port` → (the host without brackets, the port or None); None when what
-    follows the host is not a port."""
-    if text.startswith("["):
-        host, _, after = text[1:].partition("]")
-        if after and not after.startswith(":"):
-            return None
-        port = after[1:]
-    else:
-        host, _, port = text.rpartition(":") if ":" in text else (text, "", "")
-    if not port:
-        return host, None
-    return (host, int(port)) if port.isdigit() and 0 < int(port) < 65536 else None
 
 
 async def _client_hello(inbox: Inbox) -> ClientHello | None:

@@ -221,7 +221,8 @@ def test_nothing_is_connected_for_a_client_that_leaves_before_its_client_hello(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         sock.sendall(connect(port, f"{HOST_NAME}:{sink.port}"))
         sock.shutdown(socket.SHUT_WR)  # a CONNECT and nothing more
-        assert read_all(sock) == b""
+        # Closed at once when the FIN came with the head; answered then closed when it came after it.
+        assert read_all(sock) in (b"", b"HTTP/1.1 200 Connection established\r\n\r\n")
     time.sleep(0.2)
     assert sink.connections == 0
 
@@ -229,8 +230,8 @@ def test_nothing_is_connected_for_a_client_that_leaves_before_its_client_hello(
 def test_blocked_plain_http_is_answered_by_the_front_then_mitmproxy_takes_the_connection(
         front: tuple[int, Sink, socket.socket]) -> None:
     """Two blocked requests on one kept-alive connection get their block pages (the second a HEAD: no body); the
-    third, allowed, goes to mitmproxy with the connection, which decides and answers it (502: the name does not
-    resolve)."""
+    third, a POST (not the front's), goes to mitmproxy with the connection, which decides and answers it (502:
+    the name does not resolve)."""
     port, _, _ = front
     before = BLOCK_PAGES.labels("category")._value.get()
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
@@ -244,7 +245,8 @@ def test_blocked_plain_http_is_answered_by_the_front_then_mitmproxy_takes_the_co
         sock.sendall(b"HEAD http://www.roblox.com/ HTTP/1.1\r\nHost: www.roblox.com\r\n\r\n")
         head, rest = read_head(sock)
         assert head.startswith(b"HTTP/1.1 403 Forbidden") and rest == b""
-        sock.sendall(b"GET http://nowhere.invalid/ HTTP/1.1\r\nHost: nowhere.invalid\r\nConnection: close\r\n\r\n")
+        sock.sendall(b"POST http://nowhere.invalid/ HTTP/1.1\r\nHost: nowhere.invalid\r\nContent-Length: 2\r\n"
+                     b"Connection: close\r\n\r\nhi")
         head, body = read_head(sock)
         body += read_all(sock)
     assert head.startswith(b"HTTP/1.1 502") and b"nowhere.invalid" in body, (head, body)
