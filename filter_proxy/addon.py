@@ -32,6 +32,7 @@ from blocklists.errors import NameRejected
 from blocklists.names import normalize_host as _normalize_host
 from blocklists.names import normalize_path, parent_domains, parse_ip
 from filter_proxy.block_page import BlockPageFacts, CategoryText, preferred_language, render
+from filter_proxy.client_hello import State, read_client_hello
 from filter_proxy.pac import is_pac_request, pac_response
 from filter_proxy.rewrite import enforce_safe_search, portal_redirect
 from policy.clients import Client
@@ -178,8 +179,12 @@ class VigieAddon:
         host = sni or connect_host
         if host is None and data.context.server.address:
             host = normalize_host(str(data.context.server.address[0]))
+        # mitmproxy reads a TLS name that is no host name (`roblox.com:443`, two names) as none: the front's reader
+        # sees it, and a server might read it as a host.
+        tls_name = read_client_hello(data.client_hello.raw_bytes(wrap_in_record=True))
         if client is None or host is None or (raw_sni and sni is None) or (connect_host and sni and
-                                                                         sni != connect_host):
+                                                                         sni != connect_host) \
+                or tls_name.state is not State.READ or (tls_name.server_name is not None and raw_sni is None):
             # Unknown client, a TLS name that is no host name, or one that differs from the CONNECT target:
             # intercepted, and the request hook refuses it with an explanation.
             PROXY_TLS.labels("intercept").inc()

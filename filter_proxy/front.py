@@ -37,7 +37,6 @@ from mitmproxy.exceptions import AddonHalt
 from mitmproxy.hooks import Hook
 from mitmproxy.master import Master
 from mitmproxy.optmanager import OptManager
-from mitmproxy.proxy.layers.tls import parse_client_hello
 from mitmproxy.proxy.server_hooks import (
     ServerConnectedHook,
     ServerConnectErrorHook,
@@ -45,10 +44,10 @@ from mitmproxy.proxy.server_hooks import (
     ServerConnectionHookData,
     ServerDisconnectedHook,
 )
-from mitmproxy.tls import ClientHello
 
 from filter_proxy.addon import VigieAddon, normalize_host
-from filter_proxy.http1 import PlainGet, connect_target, error_response, plain_get
+from filter_proxy.client_hello import REFUSED, Hello, State, read_client_hello
+from filter_proxy.http1 import PlainGet, authority_parts, connect_target, error_response, plain_get
 from filter_proxy.relays import Relay, ResponseRelay
 from policy.decision import Action, Decision, Query
 from policy.metrics import PROXY_ERRORS, PROXY_TLS
@@ -77,7 +76,7 @@ class Inbox(asyncio.Protocol):
     def __init__(self, connected: Callable[[Inbox, asyncio.Transport], None]) -> None:
         self.data = bytearray()
         self.closed = False
-        self._more = asyncio.Event()
+        self._waiter: asyncio.Future[bool] | None = None  # `wait`'s, while it waits
         self._connected = connected
         self._transport: asyncio.Transport | None = None
         self._reading = True
@@ -90,20 +89,24 @@ class Inbox(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.data += data
-        self._more.set()
+        self._wake()
         if len(self.data) > MAX_BUFFERED and self._reading and self._transport is not None:
             self._reading = False
             self._transport.pause_reading()
 
     def eof_received(self) -> bool:
         self.closed = True
-        self._more.set()
+        self._wake()
         return True  # half-open: a hand-over may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        self._more.set()
+        self._wake()
         self.lost()
+
+    def _wake(self, more: bool = True) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(more)
 
     def pause_writing(self) -> None:
         self.writes_paused(True)
@@ -118,16 +121,20 @@ class Inbox(asyncio.Protocol):
             self._transport.resume_reading()
 
     async def wait(self) -> bool:
-        """Wait for more bytes; False when the client has closed or READ_TIMEOUT passed."""
+        """Wait for more bytes; False when the client has closed or READ_TIMEOUT passed. A future and a timer
+        (asyncio.wait_for would make a task of each wait: a tenth of a new tunnel's cost)."""
         if self.closed:
             return False
-        self._more.clear()
         self.read_on()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        timer = loop.call_later(READ_TIMEOUT, self._wake, False)
         try:
-            await asyncio.wait_for(self._more.wait(), READ_TIMEOUT)
-        except TimeoutError:
-            return False
-        return not self.closed or bool(self.data)
+            more = await self._waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+        return more and (not self.closed or bool(self.data))
 
 
 class _AlreadyAnswered(asyncio.StreamWriter):
@@ -309,15 +316,15 @@ class ProxyFront:
             transport.write(error_response("502 Bad Gateway", hooks))
             transport.close()
             return _Done.ANSWERED
-        return _Opened(head, host, hooks)
+        return _Opened(head, host, target[1], hooks)
 
     async def _relay(self, inbox: Inbox, transport: asyncio.Transport, opened: _Opened) -> None:
         """Answer the CONNECT, read the ClientHello, and when it names the CONNECT host (or none), connect to the
         judged address and relay."""
         transport.write(ESTABLISHED)
         del inbox.data[:len(opened.head)]
-        hello = await _client_hello(inbox)
-        if hello is None or not _same_host(hello, opened.host):
+        hello = await _tls_name(inbox)
+        if not _same_host(hello, opened.host, opened.port):
             opened.hooks.server.error = "not passed through: no TLS ClientHello for the CONNECT host"
             await self._hook(ServerConnectErrorHook(opened.hooks))  # pins released
             server = None
@@ -352,8 +359,9 @@ class ProxyFront:
             self._run(self._hook(ServerDisconnectedHook(hooks), raises=False))
 
         try:
-            transport, protocol = await asyncio.wait_for(asyncio.get_running_loop().create_connection(
-                lambda: relay(client), *server.address), CONNECT_TIMEOUT)
+            async with asyncio.timeout(CONNECT_TIMEOUT):
+                transport, protocol = await asyncio.get_running_loop().create_connection(
+                    lambda: relay(client), *server.address)
         except (OSError, TimeoutError) as exc:
             server.error = f"cannot connect to {server.address[0]}:{server.address[1]} ({exc})"
             await self._hook(ServerConnectErrorHook(hooks))
@@ -438,6 +446,7 @@ class _Origin:
 class _Opened(NamedTuple):
     head: bytes  # the CONNECT request, as received
     host: str  # its host, normalised
+    port: int
     hooks: ServerConnectionHookData  # the server connection, its address judged and pinned
 
 
@@ -484,21 +493,22 @@ def _addons(chain: Iterable[object]) -> Iterator[object]:
         yield from _addons(getattr(addon, "addons", ()))
 
 
-async def _client_hello(inbox: Inbox) -> ClientHello | None:
-    """The client's TLS ClientHello, parsed (mitmproxy's parser); None when what came is not one."""
+async def _tls_name(inbox: Inbox) -> Hello:
+    """The client's TLS ClientHello, read (`client_hello.read_client_hello`) once it has all arrived."""
     while True:
-        if bytes(inbox.data[:1]) not in (b"", b"\x16"):
-            return None  # not a TLS handshake
-        try:
-            hello = parse_client_hello(bytes(inbox.data)) if inbox.data else None
-        except ValueError:
-            return None
-        if hello is not None:
+        hello = read_client_hello(bytes(inbox.data))
+        if hello.state is not State.MORE:
             return hello
         if len(inbox.data) > MAX_CLIENT_HELLO or not await inbox.wait():
-            return None
+            return REFUSED
 
 
-def _same_host(hello: ClientHello, host: str) -> bool:
-    """Whether the ClientHello's TLS name, when it has one, is the CONNECT host (as `tls_clienthello` requires)."""
-    return not hello.sni or normalize_host(hello.sni) == host
+def _same_host(hello: Hello, host: str, port: int) -> bool:
+    """Whether the ClientHello names the CONNECT host, or none (as `tls_clienthello` requires). A name with a
+    port (some HTTP clients send `host:port`) must name the CONNECT port too."""
+    if hello.state is not State.READ:
+        return False
+    if hello.server_name is None:
+        return True
+    named = authority_parts(hello.server_name)
+    return named is not None and normalize_host(named[0]) == host and named[1] in (None, port)

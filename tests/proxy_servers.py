@@ -139,6 +139,17 @@ def curl(proxy_port: int, url: str, *args: str) -> tuple[int, str, str]:
     return result.returncode, status, body or result.stderr
 
 
+def client_hello(server_name: str | None) -> bytes:
+    """A real TLS ClientHello (OpenSSL's), as a browser's first bytes in a tunnel."""
+    context = ssl.create_default_context()
+    context.check_hostname = server_name is not None
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
 @contextlib.contextmanager
 def proxy_in_this_process(addon: VigieAddon, port: int, confdir: Path, options: tuple[str, ...] = ()) -> Iterator[None]:
     """Vigie's `start_proxy` with `addon` on 127.0.0.1:`port`, in a thread of this process (so that a test can reach

@@ -30,7 +30,7 @@ from policy.model import SocketAddress
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE
 from tests.conftest import free_port, write_tree
-from tests.proxy_servers import proxy_in_this_process
+from tests.proxy_servers import client_hello, proxy_in_this_process
 from vigie.loading import load_snapshot
 
 # mitmproxy 11's TLS interception calls a pyOpenSSL API it deprecated; in this process, -W error would make it fail.
@@ -95,17 +95,6 @@ def front(tmp_path: Path) -> Iterator[tuple[int, Sink, socket.socket]]:
         with proxy_in_this_process(VigieAddon(lambda: snapshot, lambda: EMPTY_STATE), port,
                                    ensure_ca(tmp_path / "var").confdir):
             yield port, sink, forbidden
-
-
-def client_hello(server_name: str | None) -> bytes:
-    """A real TLS ClientHello, as a browser's first bytes in a tunnel."""
-    context = ssl.create_default_context()
-    context.check_hostname = server_name is not None
-    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-    tls = context.wrap_bio(incoming, outgoing, server_hostname=server_name)
-    with contextlib.suppress(ssl.SSLWantReadError):
-        tls.do_handshake()
-    return outgoing.read()
 
 
 def read_head(sock: socket.socket) -> tuple[bytes, bytes]:
@@ -193,6 +182,37 @@ def test_a_tls_name_other_than_the_connect_host_is_decided_by_mitmproxy(front: t
             body += read_all(tls)
     assert head.startswith(b"HTTP/1.1 403") and b"roblox.com" in body
     assert sink.received in ([], [b""]), "nothing reached the server"
+
+
+def test_a_tls_name_with_the_connect_port_is_passed_through(front: tuple[int, Sink, socket.socket]) -> None:
+    """Some HTTP clients send `host:port` as the TLS name: the same host and port as the CONNECT names nothing
+    else."""
+    port, sink, _ = front
+    hello = client_hello(f"{HOST_NAME}:{sink.port}")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(connect(port, f"{HOST_NAME}:{sink.port}") + hello)
+        assert read_head(sock)[0] == b"HTTP/1.1 200 Connection established"
+        sock.shutdown(socket.SHUT_WR)
+        answer = read_all(sock)
+    assert answer.startswith(hashlib.sha256(hello).hexdigest().encode())
+
+
+@pytest.mark.parametrize("tls_name", ["roblox.com:443", "roblox.com:{port}", "vm:1", "vm:{port}:{port}", "vm/"])
+def test_a_tls_name_no_host_name_is_intercepted(front: tuple[int, Sink, socket.socket], tmp_path: Path,
+                                                tls_name: str) -> None:
+    """mitmproxy reads such a name as none, but a server might read the host in it: neither the front nor the
+    addon passes it through; mitmproxy intercepts, with Vigie's certificate, and no byte of the client's
+    ClientHello reaches the server."""
+    port, sink, _ = front
+    name = tls_name.format(port=sink.port)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+        raw.sendall(connect(port, f"{HOST_NAME}:{sink.port}"))
+        assert read_head(raw)[0] == b"HTTP/1.1 200 Connection established"
+        context = ssl.create_default_context(cafile=str(tmp_path / "var" / "ca" / "vigie-ca.pem"))
+        context.check_hostname = False  # the name is not one a certificate can be checked against
+        with context.wrap_socket(raw, server_hostname=name) as tls:  # verified: Vigie's certificate
+            assert tls.version() is not None
+    assert not any(name.encode() in received for received in sink.received)
 
 
 def test_a_destination_no_rule_lets_the_proxy_reach_is_never_connected(front: tuple[int, Sink, socket.socket]) -> None:
