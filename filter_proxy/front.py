@@ -1,24 +1,26 @@
-"""The proxy's front door: CONNECT tunnels that are passed through undecrypted are opened and relayed here, and
-blocked plain HTTP requests answered with the block page, without mitmproxy; everything else is handed to
+"""The proxy's front door: CONNECT tunnels that are passed through undecrypted are opened and relayed here, plain
+HTTP GETs decided here (the block page, or forwarded unchanged), without mitmproxy; everything else is handed to
 mitmproxy as it arrived.
 
 Most HTTPS a proxy sees is passed through (see addon.py): an allowed host with nothing to inspect. mitmproxy would
 accept it, parse it into events, run the hooks and relay each chunk through its layers; here it costs one decision,
-one judged connection and two protocols that copy bytes between sockets (`Relay`). The decision is the addon's own,
-in the order mitmproxy's hooks take it:
+one judged connection and two protocols that copy bytes between sockets (`relays.Relay`). The decision is the
+addon's own, in the order mitmproxy's hooks take it:
 
     CONNECT head → client by address, port, decision on the CONNECT host (addon.tunnel_passes_through)
     → mitmproxy's server hooks: the addon resolves the host, judges every address and pins a judged one
-    → connected there → "200 Connection established" → the ClientHello: no TLS name, or the CONNECT host → relayed.
+    → "200 Connection established" → the ClientHello (client_hello.py): no TLS name, or the CONNECT host
+    → connected to the judged address → relayed.
 
-A plain HTTP GET whose decision is a block (`addon.blocked_plain_request`, what `requestheaders` decides) gets
-the block page here, and the next request on the connection is read the same way. Anything else goes to mitmproxy
-with every byte from that request on (`hand_over`), before any answer, so that mitmproxy answers it as it would
-have: an allowed plain request, a PAC, proxy credentials, a host blocked or to inspect over TLS. A
-destination the hooks refuse, or that does not answer, gets 502 with the reason, and nothing is connected. After
-the 200, a ClientHello that is not TLS or names another host goes to mitmproxy with the CONNECT replayed in front
-and mitmproxy's own 200 not sent twice (`_AlreadyAnswered`): it intercepts and refuses, as when it had the
-connection from the start.
+A plain HTTP GET or HEAD (`http1.plain_get`: absolute form, no body, a strict head) is decided as
+`requestheaders` would (`addon.plain_request`): blocked, it gets the block page; allowed with nothing to rewrite,
+it is sent to the judged address and its response relayed to its end (`relays.ResponseRelay`); then the next
+request on the connection is read the same way. Anything else goes to mitmproxy with every byte from that request
+on (`hand_over`), before any answer, so that mitmproxy answers it as it would have: another method, a safe-search
+host, a PAC, proxy credentials, a host blocked or to inspect over TLS. A destination the hooks refuse, or that does
+not answer, gets 502 with the reason, and nothing is connected. After the 200, a ClientHello that is not TLS or
+names another host goes to mitmproxy with the CONNECT replayed in front and mitmproxy's own 200 not sent twice
+(`_AlreadyAnswered`): it intercepts and refuses, as when it had the connection from the start.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from mitmproxy import connection
 from mitmproxy.exceptions import AddonHalt
 from mitmproxy.hooks import Hook
 from mitmproxy.master import Master
-from mitmproxy.optmanager import OptManager
 from mitmproxy.proxy.server_hooks import (
     ServerConnectedHook,
     ServerConnectErrorHook,
@@ -167,9 +168,9 @@ class ProxyFront:
         self.mitmproxy = mitmproxy
         self._tasks: set[asyncio.Task[None]] = set()
         self._transports: set[asyncio.Transport] = set()  # open, on either side of the tunnels of this front
-        self._options_change_requests = _options_change_requests(master.options)
-        master.options.changed.connect(
-            lambda updated: setattr(self, "_options_change_requests", _options_change_requests(master.options)))
+        self._options_change_requests = False
+        self._options_changed(set())
+        master.options.changed.connect(self._options_changed)
 
     def close(self) -> None:
         """End every tunnel (the proxy stops); mitmproxy ends the connections it has."""
@@ -233,11 +234,11 @@ class ProxyFront:
                 judged = self.addon.plain_request(peer[0], request.host, request.port, request.path)
                 if judged is None:
                     return _Done.HAND_OVER
-                del inbox.data[:len(head)]
                 if judged[0].action is Action.ALLOW:
                     goes_on = await self._forward(request, inbox, transport, _Peers(peer, sockname), origin)
                 else:
                     goes_on = self._answer_blocked(request, judged, transport)
+                del inbox.data[:len(head)]  # answered: a fault before this hands mitmproxy the request again
                 if not goes_on:
                     transport.close()
                     return _Done.ANSWERED
@@ -278,6 +279,11 @@ class ProxyFront:
         if not reusable:
             origin.close()
         return reusable and request.keep_alive and not transport.is_closing()
+
+    def _options_changed(self, updated: set[str]) -> None:
+        options = self.master.options
+        self._options_change_requests = any(
+            name in options and getattr(options, name) != options.default(name) for name in _REQUEST_OPTIONS)
 
     def _mitmproxy_changes_requests(self) -> bool:
         """Whether a mitmproxy option or an admin's script would change or record plain requests (`--set
@@ -461,10 +467,6 @@ class _Done(enum.Enum):
 def _failed(exc: Exception, outcome: str) -> None:
     PROXY_ERRORS.labels("tunnel").inc()
     log.error("proxy tunnel failed, %s: %s: %s", outcome, type(exc).__name__, exc)
-
-
-def _options_change_requests(options: OptManager) -> bool:
-    return any(name in options and getattr(options, name) != options.default(name) for name in _REQUEST_OPTIONS)
 
 
 def _both_end(first: Callable[[], None], second: Callable[[], None]) -> None:
