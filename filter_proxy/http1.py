@@ -40,7 +40,8 @@ def plain_get(head: bytes) -> PlainGet | None:
     if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD") or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0") \
             or not parts[1].startswith(b"http://") or _FORBIDDEN_IN_VALUE.search(parts[1]):
         return None
-    authority, slash, rest = parts[1][7:].decode("ascii", "replace").partition("/")
+    authority_bytes, slash, rest = parts[1][7:].partition(b"/")
+    authority = authority_bytes.decode("ascii", "replace")
     headers = _headers(header_block)
     if headers is None or headers.get("host", "").lower() != authority.lower() \
             or "proxy-authorization" in headers or "transfer-encoding" in headers \
@@ -51,11 +52,12 @@ def plain_get(head: bytes) -> PlainGet | None:
         return None
     literal, port = split[0], split[1] or 80
     host = normalize_host(literal)
-    path = "/" + rest if slash else "/"
+    raw_path = b"/" + rest if slash else b"/"
+    path = raw_path.decode("utf-8", "surrogateescape")  # as mitmproxy reads it; URL rules read it percent-decoded
     if host is None or path.split("?", 1)[0] in PAC_PATHS:
         return None  # a PAC is served whatever the host's decision: one that fails to load means DIRECT
     keep_alive = parts[2] == b"HTTP/1.1" and "close" not in _tokens(headers.get("connection", ""))
-    origin_form = b"%s %s %s\r\n%s\r\n\r\n" % (parts[0], path.encode("ascii"), parts[2], header_block)
+    origin_form = b"%s %s %s\r\n%s\r\n\r\n" % (parts[0], raw_path, parts[2], header_block)
     return PlainGet(host, port, path, parts[0] == b"HEAD", keep_alive, headers.get("accept-language"),
                     "upgrade" in headers or "upgrade" in _tokens(headers.get("connection", "")), origin_form)
 

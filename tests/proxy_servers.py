@@ -12,10 +12,12 @@ import asyncio
 import contextlib
 import datetime
 import json
+import socket
 import ssl
 import subprocess
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -137,6 +139,27 @@ def curl(proxy_port: int, url: str, *args: str) -> tuple[int, str, str]:
                              "-w", "\n%{http_code}", *args, url], capture_output=True, text=True, timeout=30)
     body, _, status = result.stdout.rpartition("\n")
     return result.returncode, status, body or result.stderr
+
+
+@dataclass
+class LoopbackServer:
+    """A raw TCP server for the proxy front's tests: `serve` accepts until its listener closes and answers each
+    connection in a thread of its own (`answer`, a subclass's), counting them."""
+
+    port: int = 0
+    connections: int = 0
+
+    def serve(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self.answer, args=(conn,), daemon=True).start()
+
+    def answer(self, conn: socket.socket) -> None:
+        raise NotImplementedError
 
 
 def client_hello(server_name: str | None) -> bytes:

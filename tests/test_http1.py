@@ -18,14 +18,17 @@ from filter_proxy.http1 import ChunkedBody, Framing, plain_get, response_head
     (b"GET http://[::1]:81/ HTTP/1.1\r\nHost: [::1]:81\r\nConnection: keep-alive, close\r\n\r\n", "::1", 81, "/",
      False),
     (b"GET http://2130706433/ HTTP/1.1\r\nHost: 2130706433\r\n\r\n", "127.0.0.1", 80, "/", True),
-], ids=["mixed case host", "HEAD, HTTP/1.0, no path", "IPv6 and close", "an address spelled as a number"])
+    ("GET http://example.fr/élève HTTP/1.1\r\nHost: example.fr\r\n\r\n".encode(), "example.fr", 80, "/élève",
+     True),
+], ids=["mixed case host", "HEAD, HTTP/1.0, no path", "IPv6 and close", "an address spelled as a number",
+        "UTF-8 in the path"])
 def test_the_plain_requests_the_front_reads(head: bytes, host: str, port: int, path: str, keep_alive: bool) -> None:
     request = plain_get(head)
     assert request is not None
     assert (request.host, request.port, request.path, request.keep_alive) == (host, port, path, keep_alive)
     line, _, rest = head.partition(b"\r\n")
     method, _, version = line.split(b" ")
-    assert request.origin_form == method + b" " + path.encode() + b" " + version + b"\r\n" + rest
+    assert request.origin_form == method + b" " + path.encode() + b" " + version + b"\r\n" + rest  # as sent
 
 
 @pytest.mark.parametrize("head", [
@@ -62,13 +65,16 @@ def test_an_upgrade_is_read_but_marked() -> None:
 
 
 @given(st.binary(max_size=300))
-@example(b"GET http://[/ HTTP/1.1\r\nHost: [\r\n\r\n")
-@example(b"GET http://a:99999/ HTTP/1.1\r\nHost: a:99999\r\n\r\n")
+@example(b"[/ HTTP/1.1\r\nHost: [")
+@example(b"a:99999/ HTTP/1.1\r\nHost: a:99999")
+@example(b"a/\xff\xfe HTTP/1.1\r\nHost: a")
 def test_any_head_is_read_or_declined(data: bytes) -> None:
+    """`GET http://` then anything: read, with one head in origin form that says what was judged, or declined."""
     head = b"GET http://" + data + b"\r\n\r\n"
     request = plain_get(head)
     if request is not None:
-        assert b"\r\n\r\n" not in request.origin_form[:-4]
+        assert b"\r\n\r\n" not in request.origin_form[:-4] and request.origin_form.startswith(b"GET /")
+        assert request.origin_form.split(b" ")[1].decode("utf-8", "surrogateescape") == request.path
 
 
 @pytest.mark.parametrize("head, was_head, framing, length, reusable", [

@@ -24,7 +24,7 @@ from filter_proxy.ca import ensure_ca
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE
 from tests.conftest import free_port, write_tree
-from tests.proxy_servers import proxy_in_this_process
+from tests.proxy_servers import LoopbackServer, proxy_in_this_process
 from vigie.loading import load_snapshot
 
 pytestmark = pytest.mark.filterwarnings("ignore:Passing pyOpenSSL .* objects is deprecated:DeprecationWarning")
@@ -43,25 +43,14 @@ def ok(body: bytes, *headers: str) -> Reply:
 
 
 @dataclass
-class ScriptedOrigin:
-    """Answers each request head it reads with the next reply of `replies`; records heads and connections."""
+class ScriptedOrigin(LoopbackServer):
+    """Answers each request head it reads with the next reply of `replies`; records the heads."""
 
-    port: int = 0
     replies: list[Reply] = field(default_factory=list)
     requests: list[bytes] = field(default_factory=list)
-    connections: int = 0
     closed_by_proxy: int = 0
 
-    def serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
-
-    def _answer(self, conn: socket.socket) -> None:
+    def answer(self, conn: socket.socket) -> None:
         with conn, contextlib.suppress(OSError):
             conn.settimeout(10)
             data = b""

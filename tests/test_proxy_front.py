@@ -30,7 +30,7 @@ from policy.model import SocketAddress
 from policy.snapshot import ListCache
 from policy.state import EMPTY_STATE
 from tests.conftest import free_port, write_tree
-from tests.proxy_servers import client_hello, proxy_in_this_process
+from tests.proxy_servers import LoopbackServer, client_hello, proxy_in_this_process
 from vigie.loading import load_snapshot
 
 # mitmproxy 11's TLS interception calls a pyOpenSSL API it deprecated; in this process, -W error would make it fail.
@@ -40,29 +40,21 @@ REPLY_SIZE = 4 * 1024 * 1024
 
 
 @dataclass
-class Sink:
-    """Accepts connections; reads each to its end, records it, answers `digest\\n` and REPLY_SIZE bytes, closes."""
+class Sink(LoopbackServer):
+    """Reads each connection to its end, records it, answers `digest\\n` and REPLY_SIZE bytes, closes."""
 
-    port: int = 0
     received: list[bytes] = field(default_factory=list)
-    connections: int = 0
 
-    def serve(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            with conn:
-                conn.settimeout(10)
-                data = b""
-                with contextlib.suppress(OSError):
-                    while chunk := conn.recv(65536):
-                        data += chunk
-                self.received.append(data)
-                with contextlib.suppress(OSError):
-                    conn.sendall(hashlib.sha256(data).hexdigest().encode() + b"\n" + reply_body())
+    def answer(self, conn: socket.socket) -> None:
+        with conn:
+            conn.settimeout(10)
+            data = b""
+            with contextlib.suppress(OSError):
+                while chunk := conn.recv(65536):
+                    data += chunk
+            self.received.append(data)
+            with contextlib.suppress(OSError):
+                conn.sendall(hashlib.sha256(data).hexdigest().encode() + b"\n" + reply_body())
 
 
 def reply_body() -> bytes:
