@@ -159,15 +159,15 @@ class _AlreadyAnswered(asyncio.StreamWriter):
 
 
 class ProxyFront:
-    """Accepts the proxy's connections (regular mode): tunnels passed through and blocked plain HTTP here, the
-    rest to `mitmproxy`."""
+    """Accepts the proxy's connections (regular mode): tunnels passed through and plain GETs blocked or forwarded
+    unchanged here, the rest to `mitmproxy`."""
 
     def __init__(self, addon: VigieAddon, master: Master, mitmproxy: StreamHandler) -> None:
         self.addon = addon
         self.master = master
         self.mitmproxy = mitmproxy
         self._tasks: set[asyncio.Task[None]] = set()
-        self._transports: set[asyncio.Transport] = set()  # open, on either side of the tunnels of this front
+        self._transports: set[asyncio.Transport] = set()  # open, clients' and origins', while this front has them
         self._options_change_requests = False
         self._options_changed(set())
         master.options.changed.connect(self._options_changed)
@@ -193,9 +193,9 @@ class ProxyFront:
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, inbox: Inbox, transport: asyncio.Transport) -> None:
-        """Open the tunnel and relay it; anything else to mitmproxy. A failure before the client has an answer
-        hands the connection to mitmproxy, which decides again (and fails closed, counted, if it fails too);
-        after, the connection is closed and counted."""
+        """Answer the plain requests, open the tunnel and relay it; anything else to mitmproxy. A failure before
+        the current request has an answer hands the connection to mitmproxy with that request, which decides again
+        (and fails closed, counted, if it fails too); one while relaying a tunnel closes it, counted."""
         try:
             opened = await self._open(inbox, transport)
         except Exception as exc:  # mitmproxy's hooks meet the same fault and count it, or decide after all
