@@ -29,6 +29,7 @@ import asyncio
 import enum
 import functools
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -169,6 +170,9 @@ class ProxyFront:
         self._tasks: set[asyncio.Task[None]] = set()
         self._transports: set[asyncio.Transport] = set()  # open, clients' and origins', while this front has them
         self._options_change_requests = False
+        self._hooks: dict[str, tuple[Callable[..., object], ...]] = {}  # see `_hook_methods`
+        self._ids = itertools.count(1)
+        self._hooks_for: tuple[int, ...] = ()
         self._options_changed(set())
         master.options.changed.connect(self._options_changed)
 
@@ -281,6 +285,7 @@ class ProxyFront:
         return reusable and request.keep_alive and not transport.is_closing()
 
     def _options_changed(self, updated: set[str]) -> None:
+        self._hooks.clear()
         options = self.master.options
         self._options_change_requests = any(
             name in options and getattr(options, name) != options.default(name) for name in _REQUEST_OPTIONS)
@@ -297,9 +302,13 @@ class ProxyFront:
     async def _judged_destination(self, host: str, port: int, peers: _Peers) -> ServerConnectionHookData | str:
         """The server connection to `host:port`, its address resolved, judged and pinned by mitmproxy's
         `server_connect` hooks (the addon's; a test's origin map before it) as mitmproxy would; or why not."""
+        # Ids from a counter: uuid4's getrandom call for two connections was a twentieth of a new tunnel; the ids
+        # are only keys for the hooks (the addon's pins and known clients), unique in this process either way.
+        number = next(self._ids)
         hooks = ServerConnectionHookData(
-            connection.Server(address=(host, port)),
-            connection.Client(peername=peers.client[:2], sockname=peers.listener[:2], timestamp_start=time.time()))
+            connection.Server(address=(host, port), id=f"front-server-{number}"),
+            connection.Client(peername=peers.client[:2], sockname=peers.listener[:2], timestamp_start=time.time(),
+                              id=f"front-client-{number}"))
         await self._hook(ServerConnectHook(hooks))
         if hooks.server.error is not None or hooks.server.address is None:
             return hooks.server.error or "no address to connect to"
@@ -383,18 +392,31 @@ class ProxyFront:
         and event, which cost a third of a new tunnel. An exception ends the tunnel (fail closed) unless
         `raises` is False (a hook after the fact: logged)."""
         try:
-            for addon in _addons(self.master.addons.chain):
-                run = getattr(addon, hook.name, None)
-                if callable(run):
-                    result = run(*hook.args())
-                    if inspect.isawaitable(result):
-                        await result
+            for run in self._hook_methods(hook.name):
+                result = run(*hook.args())
+                if inspect.isawaitable(result):
+                    await result
         except AddonHalt:
             return
         except Exception as exc:
             if raises:
                 raise
             _failed(exc, f"in the {hook.name} hook")
+
+    def _hook_methods(self, name: str) -> tuple[Callable[..., object], ...]:
+        """The addons' methods for hook `name`, in mitmproxy's order, found again when an addon is added or
+        removed (a script loaded or reloaded: mitmproxy registers every addon, children included, in `lookup`) or an
+        option changes (scripts reordered). The cache holds the addons, so their ids are not reused meanwhile."""
+        registered = tuple(map(id, self.master.addons.lookup.values()))
+        if registered != self._hooks_for:
+            self._hooks.clear()
+            self._hooks_for = registered
+        methods = self._hooks.get(name)
+        if methods is None:
+            methods = self._hooks[name] = tuple(
+                run for addon in _addons(self.master.addons.chain)
+                if callable(run := getattr(addon, name, None)))
+        return methods
 
     def hand_over(self, inbox: Inbox, transport: asyncio.Transport, replayed_connect: bytes = b"") -> None:
         """mitmproxy takes the connection: its reader gets every byte read so far (after `replayed_connect`, a

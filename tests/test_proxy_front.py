@@ -14,6 +14,7 @@ import contextlib
 import hashlib
 import socket
 import ssl
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -21,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from mitmproxy import options
+from mitmproxy.tools.dump import DumpMaster
 
 from filter_proxy.addon import VigieAddon
 from filter_proxy.ca import ensure_ca
+from filter_proxy.front import ProxyFront
 from filter_proxy.server import start_proxy
 from policy.metrics import BLOCK_PAGES
 from policy.model import SocketAddress
@@ -321,3 +325,36 @@ def test_who_may_use_the_proxy_is_the_rules_not_mitmproxys_guess_from_the_addres
             await handle.stop()
 
     assert asyncio.run(options_in_force()) == (False, False)
+
+
+def test_the_server_hooks_follow_the_addons_mitmproxy_has_now() -> None:
+    """The front runs mitmproxy's server hooks itself from a cached list: an addon added later (a script loaded)
+    runs from the next tunnel on, one removed no longer does, and the order is mitmproxy's."""
+
+    class Recorder:
+        def server_connect(self, data: object) -> None:
+            pass
+
+    class OtherRecorder(Recorder):  # mitmproxy names addons after their class: one name each
+        pass
+
+    async def check() -> None:
+        master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
+        addon = VigieAddon(lambda: load_snapshot(write_tree(Path(tempfile.mkdtemp()), {
+            "rules.yaml": "groups:\n  class: {networks: [127.0.0.0/8], profile: p}\nprofiles:\n  p: {}\n"}),
+            ListCache()).snapshot, lambda: EMPTY_STATE)
+        master.addons.add(addon)
+        front = ProxyFront(addon, master, lambda reader, writer: asyncio.sleep(0))
+
+        def running() -> list[object]:
+            return [run.__self__ for run in front._hook_methods("server_connect")]  # type: ignore[attr-defined]
+
+        before = running()
+        assert before[-1] is addon  # mitmproxy's own (its proxy server's check) first, then Vigie's
+        first, second = Recorder(), OtherRecorder()
+        master.addons.add(first, second)
+        assert running() == [*before, first, second]
+        master.addons.remove(first)
+        assert running() == [*before, second]
+
+    asyncio.run(check())
