@@ -371,7 +371,7 @@ class ProxyFront:
 
         def ended(transport: asyncio.Transport) -> None:
             self._transports.discard(transport)
-            self._run(self._hook(ServerDisconnectedHook(hooks), raises=False))
+            self._hook_after(ServerDisconnectedHook(hooks))
 
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -386,11 +386,10 @@ class ProxyFront:
         await self._hook(ServerConnectedHook(hooks))
         return transport, protocol
 
-    async def _hook(self, hook: Hook, *, raises: bool = True) -> None:
+    async def _hook(self, hook: Hook) -> None:
         """Run a server hook on every addon that has it, in mitmproxy's order (the chain, each addon's children
         after it; an AddonHalt ends it), as `handle_lifecycle` would but without its context manager per addon
-        and event, which cost a third of a new tunnel. An exception ends the tunnel (fail closed) unless
-        `raises` is False (a hook after the fact: logged)."""
+        and event, which cost a third of a new tunnel. An exception ends the tunnel (fail closed)."""
         try:
             for run in self._hook_methods(hook.name):
                 result = run(*hook.args())
@@ -398,9 +397,18 @@ class ProxyFront:
                     await result
         except AddonHalt:
             return
+
+    def _hook_after(self, hook: Hook) -> None:
+        """A hook after the fact (`server_disconnected`), run at once rather than as a task of its own: an
+        addon's coroutine is scheduled; a failure is logged and counted, there being nothing left to block."""
+        try:
+            for run in self._hook_methods(hook.name):
+                result = run(*hook.args())
+                if inspect.isawaitable(result):
+                    self._run(_logged(result, hook.name))
+        except AddonHalt:
+            return
         except Exception as exc:
-            if raises:
-                raise
             _failed(exc, f"in the {hook.name} hook")
 
     def _hook_methods(self, name: str) -> tuple[Callable[..., object], ...]:
@@ -484,6 +492,13 @@ class _Done(enum.Enum):
     HAND_OVER = "mitmproxy takes the connection, with the bytes from its current request on"
     ANSWERED = "the client has its answer, or is gone"
 
+
+
+async def _logged(work: Awaitable[object], hook: str) -> None:
+    try:
+        await work
+    except Exception as exc:
+        _failed(exc, f"in the {hook} hook")
 
 
 def _failed(exc: Exception, outcome: str) -> None:
