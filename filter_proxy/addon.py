@@ -55,6 +55,7 @@ from policy.state import StateView
 log = logging.getLogger(__name__)
 
 REALM = "Vigie"
+MAX_DECISIONS = 65_536  # host decisions kept (see `_decide`); past that the cache starts again
 
 
 @dataclass(frozen=True)
@@ -100,6 +101,8 @@ class VigieAddon:
         self._connections: dict[str, KnownConnection] = {}
         self._pinned: dict[str, Pinned] = {}  # by server connection id
         self._pac_scopes: dict[tuple[int, str], ProxyScope] = {}  # (rules generation, group) → selective PAC
+        self._decided: dict[tuple[str, str | None, str, bool, str], Decision] = {}  # see `_decide`
+        self._decided_with: tuple[Snapshot | None, StateView | None] = (None, None)
 
     # -- hooks: each one fails closed ------------------------------------------------------------------------------
 
@@ -383,7 +386,21 @@ class VigieAddon:
         return client if client is not None and port_allowed(port, ports, reach) else None
 
     def _decide(self, client: Client, host: str, snapshot: Snapshot) -> Decision:
-        return self._counted(decide(Query(client, host, self._now()), snapshot, self._state()))
+        """The decision for a host (no path), kept until its `until` for the rules and state it was taken with, as
+        the DNS front keeps its verdicts: a page opens many connections to the same hosts."""
+        state = self._state()
+        if self._decided_with[0] is not snapshot or self._decided_with[1] is not state:
+            self._decided.clear()  # the cache holds both: their ids cannot be reused meanwhile
+            self._decided_with = (snapshot, state)
+        at = self._now()
+        key = (client.group, client.device, client.matched_by, client.known, host)
+        decision = self._decided.get(key)
+        if decision is None or (decision.until is not None and at >= decision.until):
+            decision = decide(Query(client, host, at), snapshot, state)
+            if len(self._decided) >= MAX_DECISIONS:
+                self._decided.clear()
+            self._decided[key] = decision
+        return self._counted(decision)
 
     def _counted(self, decision: Decision) -> Decision:
         if decision.counts_screen_time and decision.device is not None:

@@ -15,7 +15,7 @@ from mitmproxy.test import taddons, tflow, tutils
 from filter_proxy.addon import VigieAddon
 from filter_proxy.block_page import preferred_language
 from policy.snapshot import Snapshot
-from policy.state import EMPTY_STATE
+from policy.state import EMPTY_STATE, Override, OverrideKind, StateView
 from tests.conftest import paris, snapshot_of
 
 RULES = """
@@ -267,3 +267,23 @@ def test_any_host_path_and_language_get_a_decision_never_an_exception(snapshot: 
 
     asyncio.run(hook())
     assert flow.response is None or flow.response.status_code in (200, 400, 403, 421)
+
+
+def test_a_kept_host_decision_follows_the_state_and_the_clock(snapshot: Snapshot) -> None:
+    """The addon keeps host decisions (a page opens many tunnels to one host): a teacher's block in a new state
+    view applies to the next tunnel, and a decision ends at its `until` (the class profile at 20:00, night)."""
+    views = [EMPTY_STATE]
+    clock = [CLASS_TIME]
+    addon = VigieAddon(lambda: snapshot, lambda: views[0], now=lambda: clock[0])
+
+    def passes() -> bool:
+        return addon.tunnel_passes_through("127.0.0.1", "allowed.example", 443, snapshot)
+
+    assert passes() and passes()
+    views[0] = StateView(overrides=(Override("o1", OverrideKind.BLOCK, "school", None, "allowed.example",
+                                             paris("2026-11-24 12:00"), "Mme Martin"),), version=1)
+    assert not passes()
+    views[0] = EMPTY_STATE
+    assert passes()
+    clock[0] = paris("2026-11-24 20:30")
+    assert not passes()
