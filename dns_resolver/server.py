@@ -69,7 +69,6 @@ EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
 BLOCK_SOA_NAME = "blocked.vigie.invalid."  # RFC 6761: a name that never resolves
 ONE_WORKER_DEFAULT = CacheBudget.share(DnsSettings.cache_bytes, 1)
-MAX_CLIENTS = 10_000  # source addresses remembered with their client, per worker (a city: ~5,000 tablets)
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _PASSED_RCODES = (RCODE.NOERROR, RCODE.NXDOMAIN)  # as plain ints: dnslib's RCODE.X is a Python-level lookup
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
@@ -156,7 +155,6 @@ class DnsFront:
         self.cache = cache
         self.forwarder = Forwarder(upstreams, max_bytes=cache.upstream_bytes)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
-        self._clients: dict[str, tuple[int, Client | None]] = {}
         self._views: dict[str, tuple[int, int, float, object]] = {}
         self.replies = ReplyCache(cache.replies_bytes)
         self.exact_indexes: list[ExactReplies] = []  # one per UDP socket
@@ -173,18 +171,6 @@ class DnsFront:
         for cache, measure in used.items():
             DNS_CACHE_BYTES.labels(cache).set_function(measure)
             DNS_CACHE_LIMIT.labels(cache).set(limits[cache])
-
-    def client_of(self, address: str, snapshot: Snapshot) -> Client | None:
-        """The client behind a source address, remembered per rules generation (parsing an address costs more
-        than answering from the cache)."""
-        known = self._clients.get(address)
-        if known is not None and known[0] == snapshot.generation:
-            return known[1]
-        if len(self._clients) > MAX_CLIENTS:
-            self._clients.clear()
-        client = snapshot.identify(address)
-        self._clients[address] = (snapshot.generation, client)
-        return client
 
     def reply_view(self, client: Client, snapshot: Snapshot, state: StateView, now: float) -> object | None:
         """What a reply for `client` may be cached under right now: the group when all its devices get the same
@@ -228,7 +214,7 @@ class DnsFront:
         view, counted = None, None
         try:
             snapshot = self.current_snapshot()
-            client = self.client_of(client_address, snapshot)
+            client = snapshot.identify(client_address)
             reply, labels, counted = await self._answer(request, client, snapshot)
             if client is not None:
                 view = self.reply_view(client, snapshot, self.current_state(), self.clock())

@@ -124,7 +124,7 @@ class _UdpListener:
         if query is not None:
             front = self.front
             snapshot = front.current_snapshot()
-            client = front.client_of(addr[0], snapshot)
+            client = snapshot.identify(addr[0])  # remembered by the rules' client directory
             if client is None:
                 self._answer_later(data, addr, query)  # REFUSED, counted there
                 return

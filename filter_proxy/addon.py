@@ -177,19 +177,18 @@ class VigieAddon:
         known = self._connections.get(data.context.client.id)
         client, _ = self._identify(snapshot, data.context.client.peername[0], known.credentials if known else None)
         connect_host = known.connect_host if known else None
-        raw_sni = data.client_hello.sni
+        # The front's reader, not mitmproxy's `sni`: that reads a TLS name that is no host name (`roblox.com:443`,
+        # two names) as none, and a server might read a host in it.
+        hello = read_client_hello(data.client_hello.raw_bytes(wrap_in_record=True))
+        raw_sni = hello.server_name
         sni = normalize_host(raw_sni) if raw_sni else None
         host = sni or connect_host
         if host is None and data.context.server.address:
             host = normalize_host(str(data.context.server.address[0]))
-        # mitmproxy reads a TLS name that is no host name (`roblox.com:443`, two names) as none: the front's reader
-        # sees it, and a server might read it as a host.
-        tls_name = read_client_hello(data.client_hello.raw_bytes(wrap_in_record=True))
-        if client is None or host is None or (raw_sni and sni is None) or (connect_host and sni and
-                                                                         sni != connect_host) \
-                or tls_name.state is not State.READ or (tls_name.server_name is not None and raw_sni is None):
-            # Unknown client, a TLS name that is no host name, or one that differs from the CONNECT target:
-            # intercepted, and the request hook refuses it with an explanation.
+        if client is None or host is None or hello.state is not State.READ or (raw_sni and sni is None) \
+                or (connect_host and sni and sni != connect_host):
+            # Unknown client, a ClientHello the reader refuses, a TLS name that is no host name, or one that differs
+            # from the CONNECT target: intercepted, and the request hook refuses it with an explanation.
             PROXY_TLS.labels("intercept").inc()
             return
         decision = self._decide(client, host, snapshot)

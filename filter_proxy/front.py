@@ -173,6 +173,7 @@ class ProxyFront:
         self._hooks: dict[str, tuple[Callable[..., object], ...]] = {}  # see `_hook_methods`
         self._ids = itertools.count(1)
         self._hooks_for: tuple[int, ...] = ()
+        self._scripts_change_requests = False
         self._options_changed(set())
         master.options.changed.connect(self._options_changed)
 
@@ -220,7 +221,6 @@ class ProxyFront:
         and for a CONNECT to pass through, judge its destination. The tunnel to open; else how it ended (`_Done`)."""
         peer, sockname = transport.get_extra_info("peername"), transport.get_extra_info("sockname")
         origin = _Origin()  # the connection the plain requests of this client go to, while they name one host
-        mitmproxy_changes_requests: bool | None = None  # asked at the first plain request
         inbox.lost = functools.partial(_both_end, inbox.lost, origin.close)  # a response no one waits for
         try:
             while True:
@@ -231,9 +231,7 @@ class ProxyFront:
                 if target is not None:
                     return await self._judge_tunnel(inbox, transport, head, target, peer, sockname)
                 request = plain_get(head)
-                if mitmproxy_changes_requests is None:
-                    mitmproxy_changes_requests = self._mitmproxy_changes_requests()
-                if request is None or request.upgrade or mitmproxy_changes_requests:
+                if request is None or request.upgrade or self._mitmproxy_changes_requests():
                     return _Done.HAND_OVER
                 judged = self.addon.plain_request(peer[0], request.host, request.port, request.path)
                 if judged is None:
@@ -292,12 +290,9 @@ class ProxyFront:
 
     def _mitmproxy_changes_requests(self) -> bool:
         """Whether a mitmproxy option or an admin's script would change or record plain requests (`--set
-        modify_headers=…`, `--set scripts=` with request hooks): mitmproxy then answers them all. The scripts are
-        looked at for each connection (one may be reloaded with other hooks)."""
-        return self._options_change_requests or any(
-            not type(addon).__module__.startswith("mitmproxy.") and not isinstance(addon, VigieAddon)
-            and any(callable(getattr(addon, hook, None)) for hook in _REQUEST_HOOKS)
-            for addon in _addons(self.master.addons.chain))
+        modify_headers=…`, `--set scripts=` with request hooks): mitmproxy then answers them all."""
+        self._follow_addons()
+        return self._options_change_requests or self._scripts_change_requests
 
     async def _judged_destination(self, host: str, port: int, peers: _Peers) -> ServerConnectionHookData | str:
         """The server connection to `host:port`, its address resolved, judged and pinned by mitmproxy's
@@ -412,19 +407,29 @@ class ProxyFront:
             _failed(exc, f"in the {hook.name} hook")
 
     def _hook_methods(self, name: str) -> tuple[Callable[..., object], ...]:
-        """The addons' methods for hook `name`, in mitmproxy's order, found again when an addon is added or
-        removed (a script loaded or reloaded: mitmproxy registers every addon, children included, in `lookup`) or an
-        option changes (scripts reordered). The cache holds the addons, so their ids are not reused meanwhile."""
-        registered = tuple(map(id, self.master.addons.lookup.values()))
-        if registered != self._hooks_for:
-            self._hooks.clear()
-            self._hooks_for = registered
+        """The addons' methods for hook `name`, in mitmproxy's order; found again when the addons change
+        (`_follow_addons`) or an option does (scripts reordered)."""
+        self._follow_addons()
         methods = self._hooks.get(name)
         if methods is None:
             methods = self._hooks[name] = tuple(
                 run for addon in _addons(self.master.addons.chain)
                 if callable(run := getattr(addon, name, None)))
         return methods
+
+    def _follow_addons(self) -> None:
+        """What depends on mitmproxy's addons (the hooks' methods, whether a script changes requests), worked out
+        again when one is added or removed: a script loaded or reloaded (mitmproxy registers every addon, children
+        included, in `lookup`). The cache holds the addons, so their ids are not reused meanwhile."""
+        registered = tuple(map(id, self.master.addons.lookup.values()))
+        if registered == self._hooks_for:
+            return
+        self._hooks.clear()
+        self._hooks_for = registered
+        self._scripts_change_requests = any(
+            not type(addon).__module__.startswith("mitmproxy.") and not isinstance(addon, VigieAddon)
+            and any(callable(getattr(addon, hook, None)) for hook in _REQUEST_HOOKS)
+            for addon in _addons(self.master.addons.chain))
 
     def hand_over(self, inbox: Inbox, transport: asyncio.Transport, replayed_connect: bytes = b"") -> None:
         """mitmproxy takes the connection: its reader gets every byte read so far (after `replayed_connect`, a

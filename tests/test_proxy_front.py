@@ -329,7 +329,8 @@ def test_who_may_use_the_proxy_is_the_rules_not_mitmproxys_guess_from_the_addres
 
 def test_the_server_hooks_follow_the_addons_mitmproxy_has_now() -> None:
     """The front runs mitmproxy's server hooks itself from a cached list: an addon added later (a script loaded)
-    runs from the next tunnel on, one removed no longer does, and the order is mitmproxy's."""
+    runs from the next tunnel on, one removed no longer does, and the order is mitmproxy's; a script with request
+    hooks sends plain requests to mitmproxy while it is loaded."""
 
     class Recorder:
         def server_connect(self, data: object) -> None:
@@ -337,6 +338,10 @@ def test_the_server_hooks_follow_the_addons_mitmproxy_has_now() -> None:
 
     class OtherRecorder(Recorder):  # mitmproxy names addons after their class: one name each
         pass
+
+    class ChangesRequests:  # an admin's script that adds a header: mitmproxy must then see every plain request
+        def request(self, flow: object) -> None:
+            pass
 
     async def check() -> None:
         master = DumpMaster(options.Options(), with_termlog=False, with_dumper=False)
@@ -356,5 +361,11 @@ def test_the_server_hooks_follow_the_addons_mitmproxy_has_now() -> None:
         assert running() == [*before, first, second]
         master.addons.remove(first)
         assert running() == [*before, second]
+        assert not front._mitmproxy_changes_requests()
+        script = ChangesRequests()
+        master.addons.add(script)
+        assert front._mitmproxy_changes_requests()
+        master.addons.remove(script)
+        assert not front._mitmproxy_changes_requests()
 
     asyncio.run(check())
