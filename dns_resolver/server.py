@@ -49,7 +49,7 @@ from dns_resolver.wire import (
 from policy.clients import Client
 from policy.decision import Action, Decision, Query
 from policy.destination import listed_address
-from policy.engine import OPENING_HORIZON, decide, next_allowed
+from policy.engine import OPENING_HORIZON, bits_deciding, decide, next_allowed
 from policy.metrics import (
     DNS_ANSWER_BLOCKS,
     DNS_CACHE_BYTES,
@@ -272,10 +272,13 @@ class DnsFront:
 
     def _verdict(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Verdict:
         """Verdicts are cached per (rules generation, overrides version, group, device, name) until they expire
-        (a decision under a screen-time budget expires when the budget could run out); a request that counts as
-        screen time marks the device's minute."""
+        (a decision under a screen-time budget expires when the budget could run out) — or, for the many names
+        that only their list bits decide (`bits_deciding`), per bits instead of per name: a name never seen
+        before then costs a list look-up, not a decision. A request that counts as screen time marks the
+        device's minute."""
         state = self.current_state()
-        key = (snapshot.generation, state.version, client.group, client.device, name)
+        bits = bits_deciding(name, client, snapshot, state)
+        key = (snapshot.generation, state.version, client.group, client.device, name if bits is None else bits)
         verdict = self._decisions.get(key)
         if verdict is None or (verdict.until is not None and now >= verdict.until):
             decision = decide(Query(client, name, now), snapshot, state)

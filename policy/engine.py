@@ -53,6 +53,20 @@ def decide(query: Query, snapshot: Snapshot, state: StateView) -> Decision:
                                   f"{asked.host} is in no blocked category of profile {asked.profile.name}"))
 
 
+def bits_deciding(host: str, client: Client, snapshot: Snapshot, state: StateView) -> int | None:
+    """The list bits of `host` when they are all that `decide` reads of it for `client`, in a query without a path:
+    no override concerns the client's group, and the host is no IP address, no safe-search host, and neither it nor
+    a parent is on an allow or deny list of any profile. Two such hosts with the same bits then get the same
+    decision at the same instant, but for the wording of its explanation: a front may keep one verdict per
+    (client, bits) where it would otherwise keep one per host. None when anything else about the host may matter."""
+    if client.group in state.override_groups or host[-1:].isdigit() or ":" in host or host in snapshot.safe_search:
+        return None
+    listed = snapshot.listed_domains
+    if listed and not listed.isdisjoint(parent_domains(host)):
+        return None
+    return snapshot.lists.lookup_domain(host)
+
+
 class Verdict(NamedTuple):
     """What a step says; `_Asked.decision` adds who asked, the profile and until when."""
 

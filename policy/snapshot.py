@@ -178,6 +178,10 @@ class Snapshot:
         self.always_block_mask = _or(mask for _, mask in self.always_block)
         self.background_mask = _or(self.category_masks[name] for name in rules.background)
         self.profiles = {name: self._compile_profile(p) for name, p in rules.profiles.items()}
+        # Every domain on an allow or deny list of any profile (the search portals included): a name under none of
+        # them is decided by its list bits alone (see `policy.engine.bits_deciding`).
+        self.listed_domains = frozenset(domain for compiled in self.profiles.values()
+                                        for domain in (*compiled.allow, *compiled.deny))
         self._profile_memo: dict[str, ProfileInForce] = {}
         self._memo_from: dict[str, datetime] = {}
 

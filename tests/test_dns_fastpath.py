@@ -223,8 +223,11 @@ def cache_gauges(port: int) -> dict[tuple[str, str], float]:
 def test_the_caches_of_all_workers_together_stay_within_the_cache_size(tmp_path: Path) -> None:
     # 6,000 queries from one address in a second or two: over a tablet's rate limit (1000/s, bursts of 2000) as soon
     # as the shared socket gives one worker more than its half.
+    # The names are under an allow-list entry, so each has a verdict of its own (unlisted names share one per list
+    # bits) and the decision cache fills too.
     sized = RULES.replace("timezone: Europe/Paris",
-                          "timezone: Europe/Paris\nserver:\n  dns: {cache_size: 2MB, rate_limit: off}")
+                          "timezone: Europe/Paris\nserver:\n  dns: {cache_size: 2MB, rate_limit: off}") \
+        .replace("class: {block: [games]}", "class: {block: [games], allow: [example.fr]}")
     rules = write_tree(tmp_path, {"rules.yaml": sized, "games.txt": "roblox.com\n"})
     metrics = free_port_run(2)
     with UpstreamServer() as upstream, VigieProcess(rules, free_port(), upstream.port, metrics, "--workers", "2") \

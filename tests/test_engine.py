@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from pathlib import Path
 
 import pytest
 
-from policy.decision import Action, Query, Reason
-from policy.engine import decide
+from policy.decision import Action, Decision, Query, Reason
+from policy.engine import bits_deciding, decide
 from policy.snapshot import Snapshot
 from policy.state import EMPTY_STATE, Override, OverrideKind, StateView
 from tests.conftest import paris, snapshot_of
@@ -269,3 +270,57 @@ def test_device_identification_beats_the_network(city: Snapshot) -> None:
     assert mapped is not None and mapped.device == "tab-02"
     assert city.clients.identify_credential("tab-01", "secret") == client
     assert city.clients.identify_credential("tab-01", "wrong") is None
+
+
+# Hosts built from the city's listed names and their parents, subdomains and neighbours: names on category lists,
+# on allow and deny lists (and under them), the search portal, safe-search hosts, IP literals, names on no list.
+LISTED_BASES = ("tiktok.com", "roblox.com", "minecraft.net", "nordvpn.com", "mesu.apple.com", "apple.com",
+                "lumni.fr", "classroom.google.com", "google.com", "youtube.com", "junior.qwant.com", "qwant.com",
+                "bing.com", "duckduckgo.com", "www.example-blog.fr", "elections.interieur.gouv.fr", "gouv.fr",
+                "wikipedia.org", "example.org", "dns.google")
+HOSTS = (*(f"{prefix}{base}" for prefix in ("", "www.", "m.", "a.b.") for base in LISTED_BASES),
+         "203.0.113.66", "10.1.2.3", "2001:db8::7")
+ASKED_AT = ("2026-11-23 14:05", "2026-11-23 18:00", "2026-11-23 23:00", "2026-11-25 10:00", "2026-12-22 10:00")
+CLIENTS = (SCHOOL, TABLET, "10.99.0.11", "10.30.0.5", "192.0.2.1")
+STATES = (EMPTY_STATE, SPENT, NEARLY_SPENT, LOCKED, UNLOCK_ROBLOX, EXPIRED)
+
+
+@pytest.mark.parametrize("state", STATES, ids=["none", "spent", "nearly spent", "locked", "unlock", "expired"])
+def test_hosts_with_the_same_deciding_bits_get_the_same_decision(city: Snapshot, state: StateView) -> None:
+    """What lets the DNS front keep one verdict per list bits instead of one per name: for every client and time,
+    the hosts `bits_deciding` gives the same bits get the same decision from `decide`, but for its wording."""
+    shared = 0
+    for address, at in itertools.product(CLIENTS, ASKED_AT):
+        client = city.identify(address)
+        assert client is not None
+        by_bits: dict[int, tuple[str, Decision]] = {}
+        for host in HOSTS:
+            bits = bits_deciding(host, client, city, state)
+            if bits is None:
+                continue
+            decision = decide(Query(client, host, paris(at)), city, state)._replace(explanation="", trail=())
+            first = by_bits.setdefault(bits, (host, decision))
+            assert decision == first[1], (address, at, first[0], host)
+            shared += first[0] != host
+    assert shared > 100, "the table must give hosts that share their bits"
+
+
+@pytest.mark.parametrize(("host", "why"), [
+    ("lumni.fr", "on an allow list"), ("www.lumni.fr", "under an allow-list entry"),
+    ("mail.google.com", "under a deny-list entry"), ("junior.qwant.com", "the search portal"),
+    ("www.bing.com", "a safe-search host"), ("203.0.113.66", "an IPv4 literal"), ("2001:db8::7", "an IPv6 literal"),
+    ("elections.interieur.gouv.fr", "on the kiosk's allow list, which other profiles do not have"),
+])
+def test_names_that_more_than_their_bits_decide_are_decided_one_by_one(city: Snapshot, host: str, why: str) -> None:
+    client = city.identify(SCHOOL)
+    assert client is not None
+    assert bits_deciding(host, client, city, EMPTY_STATE) is None, why
+
+
+def test_while_an_override_concerns_a_group_its_names_are_decided_one_by_one(city: Snapshot) -> None:
+    school, guest = city.identify(SCHOOL), city.identify("192.0.2.1")
+    assert school is not None and guest is not None
+    assert bits_deciding("wikipedia.org", school, city, UNLOCK_ROBLOX) is None, "roblox.com's override is cm2-a's"
+    assert bits_deciding("wikipedia.org", guest, city, UNLOCK_ROBLOX) == 0, "another group's override"
+    assert bits_deciding("www.tiktok.com", school, city, EMPTY_STATE) == bits_deciding("tiktok.com", school, city,
+                                                                                       EMPTY_STATE) != 0
