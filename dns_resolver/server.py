@@ -150,7 +150,8 @@ class DnsFront:
         self.count_minute = count_minute  # the device's current minute counts as screen time
         self.upstreams = upstreams
         self.clock = clock
-        self._decisions: OrderedDict[tuple[int, int, str, str | None, str], Verdict] = OrderedDict()
+        # (generation, overrides version, group, device, name or list bits) → verdict
+        self._decisions: OrderedDict[tuple[int, int, str, str | None, str | int], Verdict] = OrderedDict()
         self._verdicts: dict[tuple[object, ...], Verdict] = {}
         self.cache = cache
         self.forwarder = Forwarder(upstreams, max_bytes=cache.upstream_bytes)
