@@ -70,8 +70,7 @@ class _UdpListener:
     def _send_queued(self) -> None:
         """Send the queued answers back to back. A send to a client asleep waiting for its answer wakes it, and
         on a virtual machine the wake-up costs the sender more than the send: answers sent one by one between
-        reads paid it for most of them (dnsperf's mixed load: 130,000 → 150,000 queries/s on one worker), answers
-        sent in a burst find the client awake after the first."""
+        reads paid it for most of them, answers sent in a burst find the client awake after the first."""
         outbox, self._outbox, self._send_scheduled = self._outbox, [], False
         if self._closed:
             return

@@ -254,7 +254,8 @@ def _safe_search(asked: _Asked) -> Verdict | None:
                    rewrite_to=endpoint)
 
 
-# The precedence of the module docstring, in order; the budget step splits it (see `_Asked.with_budget_left`).
+# The precedence of the module docstring, in order; the budget step splits it (see `_Asked.with_budget_left`). A
+# step that reads more of the host than its list bits must make `bits_deciding` say None for the hosts concerned.
 BEFORE_BUDGET: tuple[Step, ...] = (_domain_override, _deny_or_allow_list, _lock, _mode, _budget_spent)
 AFTER_BUDGET: tuple[Step, ...] = (_always_blocked, _blocked_category, _blocked_url, _ip_literal, _safe_search)
 
