@@ -11,15 +11,13 @@ authoritative for nothing but `resolver.arpa`) or AD (it validates nothing).
 from __future__ import annotations
 
 import logging
-import struct
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import NamedTuple
 
-from dnslib import AAAA, CNAME, OPCODE, QTYPE, RCODE, RR, SOA, A, DNSError, DNSRecord, EDNSOption
+from dnslib import CNAME, OPCODE, QTYPE, RCODE, RR, DNSError, DNSRecord
 from dnslib.buffer import BufferError as DnsBufferError
 from dnslib.label import DNSLabelError
 
@@ -34,7 +32,10 @@ from dns_resolver.fastpath import (
 )
 from dns_resolver.forwarding import Forwarder, UpstreamAnswer
 from dns_resolver.upstream import UpstreamFailure, UpstreamPool
+from dns_resolver.verdicts import Verdict, Verdicts
 from dns_resolver.wire import (
+    RESOLVER_ARPA,
+    block_answer,
     client_reply,
     formerr_for,
     header_reply,
@@ -43,13 +44,14 @@ from dns_resolver.wire import (
     question_bytes,
     rcode_reply,
     reply_to,
+    resolver_arpa_answer,
     servfail,
     with_edns,
 )
 from policy.clients import Client
-from policy.decision import Action, Decision, Query
+from policy.decision import Action, Query
 from policy.destination import listed_address
-from policy.engine import OPENING_HORIZON, bits_deciding, decide, next_allowed
+from policy.engine import OPENING_HORIZON, next_allowed
 from policy.metrics import (
     DNS_ANSWER_BLOCKS,
     DNS_CACHE_BYTES,
@@ -58,23 +60,18 @@ from policy.metrics import (
     DNS_LATENCY,
     QUERIES,
 )
-from policy.model import BlockAnswer, DnsSettings
+from policy.model import DnsSettings
 from policy.snapshot import Snapshot
 from policy.state import StateView
 
 log = logging.getLogger(__name__)
 
-EDE_OPTION = 15
-EDE_BLOCKED, EDE_FILTERED = 15, 17
 BLOCK_TTL = 60
-BLOCK_SOA_NAME = "blocked.vigie.invalid."  # RFC 6761: a name that never resolves
 ONE_WORKER_DEFAULT = CacheBudget.share(DnsSettings.cache_bytes, 1)
 _SVCB_TYPES = {QTYPE.HTTPS, QTYPE.SVCB}
 _PASSED_RCODES = (RCODE.NOERROR, RCODE.NXDOMAIN)  # as plain ints: dnslib's RCODE.X is a Python-level lookup
 _SHARED, _PER_DEVICE, _NOT_CACHED = object(), object(), object()  # how a group's replies are cached
 UNKNOWN_CLIENT = ("unknown", "refuse", "unknown_client", "none")
-# RFC 9462 §6.5: a forwarder answers these itself. Vigie designates no encrypted resolver: an empty answer.
-RESOLVER_ARPA = "resolver.arpa"
 
 
 class Answered(NamedTuple):
@@ -111,27 +108,6 @@ class Judged(NamedTuple):
     ttl_cap: int
 
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
-    """What the DNS front needs of a Decision. A Decision carries its explanation (~1 KB); equal verdicts are one
-    object here, so the decision cache costs a key per name: thousands of names allowed by default share one."""
-
-    action: Action
-    labels: tuple[str, str, str, str]
-    until: datetime | None
-    counts_screen_time: bool
-    rewrite_to: str | None
-    extended_error: int  # RFC 8914 info code of a block
-    extended_text: str  # the categories, or the reason
-
-    @classmethod
-    def of(cls, decision: Decision) -> Verdict:
-        code = EDE_BLOCKED if decision.categories or decision.reason.value in ("deny_list", "bypass") \
-            else EDE_FILTERED
-        return cls(decision.action, decision.labels, decision.until, decision.counts_screen_time,
-                   decision.rewrite_to, code, ", ".join(decision.categories) or decision.reason.value)
-
-
 @dataclass(frozen=True)
 class _Reply:
     record: DNSRecord
@@ -150,9 +126,7 @@ class DnsFront:
         self.count_minute = count_minute  # the device's current minute counts as screen time
         self.upstreams = upstreams
         self.clock = clock
-        # (generation, overrides version, group, device, name or list bits) → verdict
-        self._decisions: OrderedDict[tuple[int, int, str, str | None, str | int], Verdict] = OrderedDict()
-        self._verdicts: dict[tuple[object, ...], Verdict] = {}
+        self.verdicts = Verdicts(current_state, cache.decisions)
         self.cache = cache
         self.forwarder = Forwarder(upstreams, max_bytes=cache.upstream_bytes)
         self.rate_limiter = RateLimiter(rate_limit) if rate_limit else None
@@ -165,7 +139,7 @@ class DnsFront:
         """Each cache's memory and limit as gauges, read when Prometheus scrapes (so that an admin can see whether
         `dns.cache_size` is too small: caches at their limit and a low hit rate)."""
         used = {"replies": lambda: self.replies.memory, "upstream": lambda: self.forwarder.memory,
-                "decisions": lambda: len(self._decisions) * DECISION_COST,
+                "decisions": lambda: len(self.verdicts) * DECISION_COST,
                 "exact": lambda: sum(map(len, self.exact_indexes)) * EXACT_COST}
         limits = {"replies": self.cache.replies_bytes, "upstream": self.cache.upstream_bytes,
                   "decisions": self.cache.decisions * DECISION_COST, "exact": self.cache.exact_replies * EXACT_COST}
@@ -240,7 +214,7 @@ class DnsFront:
             return _Reply(rcode_reply(request, RCODE.REFUSED)), UNKNOWN_CLIENT, None
         qname = str(question.qname).rstrip(".").lower()
         if qname == RESOLVER_ARPA or qname.endswith("." + RESOLVER_ARPA):
-            return _Reply(self._resolver_arpa_reply(request, qname)), (), None
+            return _Reply(resolver_arpa_answer(request, qname)), (), None
         if not qname:  # the root: no site to judge, and resolvers behind Vigie ask it
             labels = (client.group, Action.ALLOW.value, "default", "none")
             QUERIES.inc(*labels)
@@ -255,7 +229,7 @@ class DnsFront:
         decision = self._verdict(snapshot, client, name, now)
         labels = decision.labels
         QUERIES.inc(*labels)
-        ttl_cap = self._ttl_cap(decision, snapshot, now)
+        ttl_cap = decision.ttl_cap(snapshot, now)
         if decision.action is Action.BLOCK:
             ttl = min(ttl_cap, BLOCK_TTL)
             reply = _Reply(self._block_reply(request, decision, snapshot, ttl,
@@ -272,29 +246,8 @@ class DnsFront:
         return reply, labels, client.device if decision.counts_screen_time else None
 
     def _verdict(self, snapshot: Snapshot, client: Client, name: str, now: datetime) -> Verdict:
-        """Verdicts are cached per (rules generation, overrides version, group, device, name) until they expire
-        (a decision under a screen-time budget expires when the budget could run out) — or, for the many names
-        that only their list bits decide (`bits_deciding`), per bits instead of per name: a name never seen
-        before then costs a list look-up, not a decision. A request that counts as screen time marks the
-        device's minute."""
-        state = self.current_state()
-        bits = bits_deciding(name, client, snapshot, state)
-        key = (snapshot.generation, state.version, client.group, client.device, name if bits is None else bits)
-        verdict = self._decisions.get(key)
-        if verdict is None or (verdict.until is not None and now >= verdict.until):
-            decision = decide(Query(client, name, now), snapshot, state)
-            # What a Verdict is made of, as a plain tuple: hashed and compared in C (the dataclass's own hash and
-            # equality are Python calls, and an enum's hash too, hence the members' `_value_`).
-            made_of = (decision.action._value_, decision.reason._value_, decision.group, decision.categories,
-                       decision.until, decision.counts_screen_time, decision.rewrite_to)
-            verdict = self._verdicts.get(made_of)
-            if verdict is None:
-                if len(self._verdicts) > self.cache.decisions:
-                    self._verdicts.clear()  # verdicts of past schedules or rules; those in use stay cached
-                verdict = self._verdicts[made_of] = Verdict.of(decision)
-            self._decisions[key] = verdict
-            if len(self._decisions) > self.cache.decisions:
-                self._decisions.popitem(last=False)
+        """The cached verdict (see `Verdicts`); a request that counts as screen time marks the device's minute."""
+        verdict = self.verdicts.of(snapshot, client, name, now)
         if verdict.counts_screen_time and client.device is not None:
             self.count_minute(client.device)
         return verdict
@@ -303,27 +256,9 @@ class DnsFront:
                      via: str | None = None, opens: str = "") -> DNSRecord:
         """The block answer for the question; `via`: the chained name or address of the answer that was blocked,
         named in the extended error text, with `opens` (when the site opens again)."""
-        settings = snapshot.rules.server.dns
-        question = request.questions[0]
-        reply = reply_to(request)
-        if settings.block_answer is BlockAnswer.NXDOMAIN:
-            reply.header.rcode = RCODE.NXDOMAIN
-        elif question.qtype == QTYPE.A:
-            address = settings.blockpage_ipv4 if settings.block_answer is BlockAnswer.BLOCKPAGE else "0.0.0.0"
-            if address:
-                reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=ttl))
-        elif question.qtype == QTYPE.AAAA:
-            address = settings.blockpage_ipv6 if settings.block_answer is BlockAnswer.BLOCKPAGE else "::"
-            if address:
-                reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=ttl))
-        if not reply.rr:
-            # NXDOMAIN or no address: an SOA makes it cacheable (RFC 2308) for the block's TTL, which never
-            # outlasts the decision; without one, clients would ask again at once.
-            reply.add_auth(RR(question.qname, QTYPE.SOA, ttl=ttl, rdata=SOA(
-                BLOCK_SOA_NAME, "hostmaster." + BLOCK_SOA_NAME, (snapshot.generation % 2**32, 3600, 600, 86400, ttl))))
         text = decision.extended_text + (f" (via {via})" if via else "") + opens
-        return with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", decision.extended_error)
-                                                     + text.encode()))
+        return block_answer(request, snapshot.rules.server.dns, snapshot.generation, ttl, decision.extended_error,
+                            text)
 
     def _opening(self, client: Client, name: str, now: datetime, snapshot: Snapshot) -> str:
         """When `name` opens again for `client`, for the extended error text (as the block page and `vigie explain`
@@ -332,16 +267,6 @@ class DnsFront:
         if opens is None:
             return f"; not allowed in the next {OPENING_HORIZON.days} days"
         return f"; allowed again {opens.astimezone(snapshot.clock.zone):%Y-%m-%d %H:%M}"
-
-    @staticmethod
-    def _resolver_arpa_reply(request: DNSRecord, qname: str) -> DNSRecord:
-        """`resolver.arpa` and `_dns.resolver.arpa` exist and hold nothing (no designated encrypted resolver, RFC
-        9462): an authoritative empty answer; any other name below them does not exist."""
-        reply = reply_to(request)
-        reply.header.aa = 1
-        if qname not in (RESOLVER_ARPA, "_dns." + RESOLVER_ARPA):
-            reply.header.rcode = RCODE.NXDOMAIN
-        return with_edns(request, reply)
 
     async def _rewrite_reply(self, request: DNSRecord, target: str, ttl_cap: int, snapshot: Snapshot) -> _Reply:
         question = request.questions[0]
@@ -398,7 +323,7 @@ class DnsFront:
             if verdict.action in (Action.BLOCK, Action.REFUSE):
                 DNS_ANSWER_BLOCKS.labels(verdict.labels[2], verdict.labels[3]).inc()
                 return Judged(verdict, name, ttl_cap)
-            ttl_cap = min(ttl_cap, self._ttl_cap(verdict, snapshot, now))
+            ttl_cap = min(ttl_cap, verdict.ttl_cap(snapshot, now))
         for address in answer.addresses:
             listed = listed_address(client, address, now, snapshot)
             if listed is not None:
@@ -433,7 +358,7 @@ class DnsFront:
         if decision.action is not Action.ALLOW:
             return None
         QUERIES.inc(*decision.labels)
-        return PlainPlan(started, decision.labels, self._ttl_cap(decision, snapshot, now), view,
+        return PlainPlan(started, decision.labels, decision.ttl_cap(snapshot, now), view,
                          client.device if decision.counts_screen_time else None, client, snapshot)
 
     def finish_plain(self, packet: bytes, query: PlainQuery, plan: PlainPlan,
@@ -460,15 +385,6 @@ class DnsFront:
         # the benchmark's mixed load), and the reply cache takes the answer when it is asked again.
         lifetime = min(upstream.lifetime, ttl_cap) if upstream.offsets and not upstream.fetched else 0.0
         return Answered(reply, lifetime, plan.labels, plan.view, True, plan.count_device, upstream.offsets)
-
-    @staticmethod
-    def _ttl_cap(decision: Verdict, snapshot: Snapshot, now: datetime) -> int:
-        """An answer never outlives the decision behind it (the next schedule change, an override's end)."""
-        max_ttl = snapshot.rules.server.dns.max_ttl_seconds
-        if decision.until is None:
-            return max_ttl
-        return max(0, min(max_ttl, int((decision.until - now).total_seconds())))
-
 
 
 def _raw(wire: bytes | None) -> Answered | None:

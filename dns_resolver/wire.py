@@ -1,18 +1,23 @@
 """The DNS wire, read and built in bytes where the hot path needs it, with dnslib for the rest: the answers every
-path shares (FORMERR, NOTIMP, SERVFAIL, an upstream answer made the client's, a truncated answer) and the small
-readers the front uses. Pure functions: no state, no I/O."""
+path shares (FORMERR, NOTIMP, SERVFAIL, a block, `resolver.arpa`, an upstream answer made the client's, a truncated
+answer) and the small readers the front uses. Pure functions: no state, no I/O."""
 
 from __future__ import annotations
 
 import struct
 
-from dnslib import EDNS0, QTYPE, RCODE, DNSRecord, EDNSOption
+from dnslib import AAAA, EDNS0, QTYPE, RCODE, RR, SOA, A, DNSRecord, EDNSOption
 
 from dns_resolver.fastpath import MAX_UDP_ANSWER, PlainQuery, read_plain_query
 from dns_resolver.forwarding import OUR_OPT, UpstreamAnswer
+from policy.model import BlockAnswer, DnsSettings
 
 _HOST_BYTES = b"abcdefghijklmnopqrstuvwxyz0123456789-_."  # what a plain name is made of, in lower case
 _TTL, _COUNT = struct.Struct("!I"), struct.Struct("!H")
+EDE_OPTION = 15  # RFC 8914: Extended DNS Errors
+BLOCK_SOA_NAME = "blocked.vigie.invalid."  # RFC 6761: a name that never resolves
+# RFC 9462 §6.5: a forwarder answers these itself. Vigie designates no encrypted resolver: an empty answer.
+RESOLVER_ARPA = "resolver.arpa"
 
 
 def formerr_for(packet: bytes) -> bytes | None:
@@ -129,3 +134,37 @@ def truncated(answer: bytes) -> bytes:
     return wire
 
 
+
+
+def block_answer(request: DNSRecord, settings: DnsSettings, serial: int, ttl: int, extended_error: int,
+                 text: str) -> DNSRecord:
+    """The block answer for the question, as `settings.block_answer` says (NXDOMAIN, a null address or the block
+    page's), for `ttl` seconds, with the Extended DNS Error `extended_error` and `text` when the client sent EDNS."""
+    question = request.questions[0]
+    reply = reply_to(request)
+    if settings.block_answer is BlockAnswer.NXDOMAIN:
+        reply.header.rcode = RCODE.NXDOMAIN
+    elif question.qtype == QTYPE.A:
+        address = settings.blockpage_ipv4 if settings.block_answer is BlockAnswer.BLOCKPAGE else "0.0.0.0"
+        if address:
+            reply.add_answer(RR(question.qname, QTYPE.A, rdata=A(address), ttl=ttl))
+    elif question.qtype == QTYPE.AAAA:
+        address = settings.blockpage_ipv6 if settings.block_answer is BlockAnswer.BLOCKPAGE else "::"
+        if address:
+            reply.add_answer(RR(question.qname, QTYPE.AAAA, rdata=AAAA(address), ttl=ttl))
+    if not reply.rr:
+        # NXDOMAIN or no address: an SOA makes it cacheable (RFC 2308) for the block's TTL, which never outlasts
+        # the decision; without one, clients would ask again at once.
+        reply.add_auth(RR(question.qname, QTYPE.SOA, ttl=ttl, rdata=SOA(
+            BLOCK_SOA_NAME, "hostmaster." + BLOCK_SOA_NAME, (serial % 2**32, 3600, 600, 86400, ttl))))
+    return with_edns(request, reply, EDNSOption(EDE_OPTION, struct.pack("!H", extended_error) + text.encode()))
+
+
+def resolver_arpa_answer(request: DNSRecord, qname: str) -> DNSRecord:
+    """`resolver.arpa` and `_dns.resolver.arpa` exist and hold nothing (no designated encrypted resolver, RFC 9462):
+    an authoritative empty answer; any other name below them does not exist."""
+    reply = reply_to(request)
+    reply.header.aa = 1
+    if qname not in (RESOLVER_ARPA, "_dns." + RESOLVER_ARPA):
+        reply.header.rcode = RCODE.NXDOMAIN
+    return with_edns(request, reply)
