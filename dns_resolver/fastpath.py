@@ -287,7 +287,6 @@ class ReplyCache:
         return packet[:2] + header + packet[12:query.question_end] + tail, entry, prefetch
 
 
-
 @dataclass(slots=True)
 class ExactReply:
     """A cached reply ready for one exact query: `body` is everything after the ID, TTLs aged to the second

@@ -112,8 +112,6 @@ def with_edns(request: DNSRecord, reply: DNSRecord, *options: EDNSOption) -> DNS
     return reply
 
 
-
-
 def client_udp_size(packet: bytes) -> int:
     try:
         request = DNSRecord.parse(packet)
@@ -132,8 +130,6 @@ def truncated(answer: bytes) -> bytes:
     record.header.tc = 1
     wire: bytes = record.pack()
     return wire
-
-
 
 
 def block_answer(request: DNSRecord, settings: DnsSettings, serial: int, ttl: int, extended_error: int,

@@ -498,7 +498,6 @@ class _Done(enum.Enum):
     ANSWERED = "the client has its answer, or is gone"
 
 
-
 async def _logged(work: Awaitable[object], hook: str) -> None:
     try:
         await work
