@@ -65,6 +65,9 @@ class _UdpListener:
     def send(self, answer: bytes, addr: tuple[str, int]) -> None:
         """Queue `answer`: queued answers leave together once the loop is done with the callbacks of this turn."""
         self._outbox.append((answer, addr))
+        self._schedule_send()
+
+    def _schedule_send(self) -> None:
         if not self._send_scheduled:
             self._send_scheduled = True
             asyncio.get_running_loop().call_soon(self._send_queued)
@@ -130,9 +133,8 @@ class _UdpListener:
                 DNS_ERRORS.labels("internal").inc()
                 log.exception("internal error on the bytes path; answering through dnslib")
                 self._answer_later(data, addr, None)
-        if outbox and not self._send_scheduled:
-            self._send_scheduled = True
-            asyncio.get_running_loop().call_soon(self._send_queued)
+        if outbox:
+            self._schedule_send()
         if hits:
             self._hits[0] += hits
             DNS_LATENCY.observe((time.perf_counter() - started) / hits, hits)  # the batch's mean, per answer

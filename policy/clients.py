@@ -31,6 +31,7 @@ def parse_client_address(raw: str | IPAddress) -> IPAddress | None:
 
 
 MAX_REMEMBERED = 65_536  # addresses `identify` remembers; past that it starts again
+_UNSEEN = Client("", None, "")  # `identify`'s marker for an address not remembered (None means refused)
 
 
 class ClientDirectory:
@@ -67,14 +68,14 @@ class ClientDirectory:
         """The client behind a source address; None when unknown clients are refused. Remembered by the address's
         text for every front (these rules never change; a city has a few thousand tablets): parsing an address costs
         more than a cached DNS answer, and was a twentieth of a new tunnel through the proxy."""
-        if isinstance(raw, str):
-            if raw in self._by_text:
-                return self._by_text[raw]
+        if not isinstance(raw, str):
+            return self._identify(raw)
+        client = self._by_text.get(raw, _UNSEEN)
+        if client is _UNSEEN:
             if len(self._by_text) >= MAX_REMEMBERED:
                 self._by_text.clear()
             client = self._by_text[raw] = self._identify(raw)
-            return client
-        return self._identify(raw)
+        return client
 
     def _identify(self, raw: str | IPAddress) -> Client | None:
         address = parse_client_address(raw)
